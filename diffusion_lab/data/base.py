@@ -1,0 +1,285 @@
+"""Shared DataModule machinery: validated arguments, split data sets, seeded loaders, references.
+
+Every DataModule of the project derives from :class:`SplitDataModule` (or its in-memory subclass
+:class:`TensorDataModule`) and only says how to build its three splits. The batches are ``(x, y)``:
+images float32 in [0, 1] of shape (B, C, H, W) (toy 2-D points: (B, 2)) and int64 labels (0 where a
+data set has none). Same ``seed``, same splits, crops and batch order.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion_lab.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+# ITU-R 601 luma, as PIL's convert("L") uses.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def check_int(name: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value`` as an int in [minimum, maximum], or a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"data.{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        hi = "" if maximum is None else f" and <= {maximum}"
+        raise ConfigError(f"data.{name} must be >= {minimum}{hi}, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else a ConfigError listing them."""
+    if value not in choices:
+        listed = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"data.{name}={value!r} is not valid; choose one of: {listed}")
+    return value
+
+
+def check_value_range(value_range: Sequence[float] | None) -> tuple[float, float] | None:
+    """The stored ``value_range`` (read by methods, not by the DataModule): None or (low, high)."""
+    if value_range is None:
+        return None
+    try:
+        low, high = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"data.value_range must be null or [low, high], got {value_range!r}"
+        ) from None
+    if not low < high:
+        raise ConfigError(f"data.value_range must have low < high, got [{low}, {high}]")
+    return (low, high)
+
+
+# ----------------------------------------------------------------------------- seeding
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed derived from ``seed`` and ``keys`` (one independent stream per purpose)."""
+    words = [int(seed) & 0xFFFFFFFF]
+    words += [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def seeded_generator(seed: int, *keys: int | str) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed`."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+def seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """Index tensors of a seeded random permutation of ``range(n)`` cut into ``sizes``."""
+    if sum(sizes) > n:
+        raise ConfigError(f"split sizes {list(sizes)} add up to more than the {n} examples")
+    perm = torch.randperm(n, generator=seeded_generator(seed, "split"))
+    out, start = [], 0
+    for size in sizes:
+        out.append(perm[start : start + size])
+        start += size
+    return out
+
+
+# ----------------------------------------------------------------------------- image helpers
+def to_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1]; float images -> float32 unchanged."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32) / 255.0
+    return x.to(torch.float32)
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images (..., C, H, W) with C in {1, 3} converted to ``channels`` (luma or repeated gray)."""
+    c = x.shape[-3]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).clone()
+    if c == 3 and channels == 1:
+        weights = torch.tensor(_LUMA, dtype=torch.float32).reshape(3, 1, 1)
+        gray = (to_float_images(x) * weights).sum(dim=-3, keepdim=True)
+        return (
+            (gray * 255).round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else gray
+        )
+    raise ConfigError(f"cannot convert {c}-channel images to {channels} channels (use 1 or 3)")
+
+
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images (N, C, H, W) -> (N, C, size, size): bilinear, antialiased, clamped to [0, 1]."""
+    if x.shape[-2:] == (size, size):
+        return x
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.clamp_(0.0, 1.0)
+
+
+def center_crop_resize(img: Image.Image, size: int, crop: int | None = None) -> Image.Image:
+    """Centre crop (``crop`` x ``crop``, or the largest square) then resize to ``size`` (bicubic).
+
+    The one resizing protocol for photographs (PIL bicubic, which antialiases when shrinking).
+    """
+    w, h = img.size
+    side = min(w, h) if crop is None else min(crop, w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return img
+
+
+def pil_to_uint8(img: Image.Image, channels: int) -> torch.Tensor:
+    """A PIL image as a uint8 tensor (channels, H, W), converted to gray (1) or RGB (3)."""
+    arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- data sets
+class TensorPairDataset(Dataset):
+    """``(x[i], y[i])`` with x converted to float32 (uint8 storage is scaled to [0, 1])."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        self.x, self.y = x, y.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_float_images(self.x[i]), self.y[i]
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Batched fetch (one gather instead of B small ones)."""
+        x, y = to_float_images(self.x[idx]), self.y[idx]
+        return list(zip(x, y, strict=True))
+
+
+# ----------------------------------------------------------------------------- DataModules
+class SplitDataModule(L.LightningDataModule):
+    """Base DataModule: three split data sets, seeded loaders and ``reference_samples``.
+
+    Subclasses implement :meth:`build_splits` returning ``{"train", "val", "test"} -> Dataset``
+    whose items are ``(x float32, y int64)``. Attributes: ``channels``, ``image_size`` (None for
+    points), ``num_classes`` (None if the set has no labels), ``value_range`` (stored for the method,
+    which maps [0, 1] to its own range), ``batch_size``, ``num_workers``, ``seed``.
+    """
+
+    num_classes: int | None = None
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        image_size: int | None = None,
+        channels: int = 3,
+        value_range: Sequence[float] | None = (0.0, 1.0),
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.eval_batch_size = (
+            self.batch_size
+            if eval_batch_size is None
+            else check_int("eval_batch_size", eval_batch_size, 1)
+        )
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.seed = check_int("seed", seed, 0)
+        self.image_size = None if image_size is None else check_int("image_size", image_size, 1)
+        self.channels = check_int("channels", channels, 1)
+        self.value_range = check_value_range(value_range)
+        self._splits: dict[str, Dataset] | None = None
+
+    # -- to implement
+    def build_splits(self) -> dict[str, Dataset]:
+        """Build the train / val / test data sets (called once, lazily, by :meth:`setup`)."""
+        raise NotImplementedError
+
+    # -- Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once (every later call is free)."""
+        if self._splits is None:
+            splits = self.build_splits()
+            missing = set(SPLITS) - set(splits)
+            if missing:
+                raise RuntimeError(f"{type(self).__name__}.build_splits lacks {sorted(missing)}")
+            self._splits = splits
+
+    def dataset(self, split: str = "train") -> Dataset:
+        """The data set of one split (loads the data on first use)."""
+        check_choice("split", split, SPLITS)
+        self.setup()
+        assert self._splits is not None
+        return self._splits[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            generator=seeded_generator(self.seed, "shuffle") if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a generator seeded from ``seed``: same seed, same batches."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation split in order."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The test split in order."""
+        return self._loader("test", shuffle=False)
+
+    # -- for metrics
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Shape of one example: (C, H, W) for images, (channels,) for points."""
+        if self.image_size is None:
+            return (self.channels,)
+        return (self.channels, self.image_size, self.image_size)
+
+    def reference_samples(self, n: int, split: str = "test") -> torch.Tensor:
+        """The first ``n`` examples of ``split`` (held-out real data, e.g. the FID reference).
+
+        Deterministic for a given seed. Returns fewer than ``n`` rows when the split is smaller:
+        callers must report the number actually used (FID depends strongly on it).
+        """
+        n = check_int("n", n, 1)
+        ds = self.dataset(split)
+        n = min(n, len(ds))
+        if isinstance(ds, TensorPairDataset):
+            return to_float_images(ds.x[:n])
+        return torch.stack([ds[i][0] for i in range(n)])
+
+
+class TensorDataModule(SplitDataModule):
+    """A :class:`SplitDataModule` whose splits are in-memory tensors.
+
+    Subclasses implement :meth:`load_tensors` returning ``split -> (x, y)``; x may be uint8 (stored
+    compactly, scaled to [0, 1] per batch) or float32 in [0, 1].
+    """
+
+    def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The (x, y) tensors of each split."""
+        raise NotImplementedError
+
+    def build_splits(self) -> dict[str, Dataset]:
+        """Wrap :meth:`load_tensors` in :class:`TensorPairDataset` s."""
+        return {k: TensorPairDataset(x, y) for k, (x, y) in self.load_tensors().items()}
+
+    def tensors(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as float32 ``x`` and int64 ``y``."""
+        ds = self.dataset(split)
+        assert isinstance(ds, TensorPairDataset)
+        return to_float_images(ds.x), ds.y
