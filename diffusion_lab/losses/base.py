@@ -1,0 +1,36 @@
+"""How training times are drawn; shared by every loss."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes.sde import SDE
+
+TIME_SAMPLING = ("levels", "uniform")
+
+
+def sample_times(
+    process: SDE,
+    batch_size: int,
+    device: torch.device,
+    time_sampling: str = "levels",
+    eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training times, one per example.
+
+    ``"levels"``: a discrete level drawn uniformly per example (DDPM's i ~ U{1..N}, NCSN's
+    sigma_i ~ U{sigma_1..sigma_L}); ``"uniform"``: t ~ U(eps, 1) (Score SDE, Khungurn eq. 9).
+    eps is a real hyper-parameter (PITFALLS: t ~ U(eps, 1) against the discretised schedule).
+    """
+    if time_sampling == "levels":
+        levels = process.level_times().to(device)
+        index = torch.randint(len(levels), (batch_size,), device=device, generator=generator)
+        return levels[index]
+    if time_sampling == "uniform":
+        if not 0 <= eps < 1:
+            raise ConfigError(f"loss.eps must lie in [0, 1), got {eps}")
+        u = torch.rand(batch_size, device=device, generator=generator)
+        return eps + (1 - eps) * u
+    raise ConfigError(f"unknown time_sampling {time_sampling!r}: use one of {TIME_SAMPLING}")

@@ -1,0 +1,48 @@
+"""Denoising score matching (Vincent 2011) as NCSN and Score SDE weight it."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.losses.base import sample_times
+from diffusion_lab.score_model import ScoreModel
+from diffusion_lab.utils import append_dims
+
+WEIGHTINGS = ("variance", "likelihood")
+
+
+class DenoisingScoreMatching:
+    """E_t lambda(t) E_{x0, x_t} || s_theta(x_t, t) - grad log p_0t(x_t | x0) ||^2 (Khungurn eq. 9).
+
+    The target is grad log p_0t = -(x_t - alpha x0) / sigma^2 = -z / sigma (for NCSN,
+    -(x_tilde - x) / sigma^2, Khungurn eq. 7). ``weighting="variance"``: lambda = sigma(t)^2, so
+    the summand is || sigma s + z ||^2 (NCSN's lambda(sigma) = sigma^2, Score SDE's default);
+    ``"likelihood"``: lambda = g(t)^2 (Song et al. 2021b). Summed over dimensions, averaged
+    over the batch, halved as in Score SDE's code.
+    """
+
+    def __init__(
+        self, time_sampling: str = "uniform", eps: float = 1e-5, weighting: str = "variance"
+    ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown DSM weighting {weighting!r}: use one of {WEIGHTINGS}")
+        self.time_sampling = time_sampling
+        self.eps = eps
+        self.weighting = weighting
+
+    def __call__(self, model: ScoreModel, x0: torch.Tensor) -> torch.Tensor:
+        process = model.process
+        t = sample_times(process, x0.shape[0], x0.device, self.time_sampling, self.eps)
+        noise = torch.randn_like(x0)
+        xt = process.sample_marginal(x0, t, noise)
+        sigma = process.marginal_coefficients(t)[1]
+        score = model.score(xt, t)
+        if self.weighting == "variance":
+            residual = append_dims(sigma, x0.ndim) * score + noise
+            per_example = residual.pow(2).flatten(1).sum(1)
+        else:
+            g = process.sde(xt, t)[1]
+            residual = score + noise / append_dims(sigma, x0.ndim)
+            per_example = g.pow(2) * residual.pow(2).flatten(1).sum(1)
+        return 0.5 * per_example.mean()

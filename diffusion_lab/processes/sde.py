@@ -1,0 +1,307 @@
+"""Forward SDEs dx = f(x, t) dt + g(t) dW on continuous time t in [0, 1] (t = 0 clean).
+
+Khungurn sec. 7.2: the VE SDE (SMLD / NCSN, sec. 7.2.1), the VP SDE (DDPM, sec. 7.2.2) and the
+sub-VP SDE (sec. 7.2.3). All three are linear, so every marginal is Gaussian,
+x(t) = alpha(t) x(0) + sigma(t) z, and everything a sampler needs follows from
+``marginal_coefficients``: the exact one-step transition, the ancestral step, DDIM and Tweedie.
+
+Each process is defined by its N discrete noise levels (the DDPM betas, the NCSN sigmas) and
+interpolates them in continuous time, so that the discrete methods (DDPM, NCSN) are exactly the
+processes sampled on their grid ``level_times()`` and the continuous methods (Score SDE) use the
+same objects between grid points: one code path, not two.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes import schedules
+from diffusion_lab.utils import append_dims
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _interpolate(table: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Piecewise-linear interpolation of ``table`` at fractional indices; also its slope."""
+    table = table.to(position)
+    last = table.numel() - 1
+    position = position.clamp(0, last)
+    left = position.floor().clamp(max=last - 1).long()
+    weight = position - left
+    slope = table[left + 1] - table[left]
+    return table[left] + weight * slope, slope
+
+
+class SDE(abc.ABC):
+    """A linear forward SDE with Gaussian marginals on t in [0, 1].
+
+    Subclasses give ``marginal_coefficients`` (alpha(t), sigma(t)), ``sde`` (f, g), the prior,
+    the discrete level grid and the network's noise label; the rest is shared.
+    """
+
+    #: Default variance of ``ancestral_step`` (DDPM's transition variance for VP; SMLD's posterior).
+    ancestral_variance = "transition"
+
+    def __init__(self, num_steps: int) -> None:
+        if num_steps < 2:
+            raise ConfigError(f"process.num_steps must be at least 2, got {num_steps}")
+        self.num_steps = num_steps
+
+    @abc.abstractmethod
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha(t), sigma(t)) such that x(t) | x(0) ~ N(alpha x(0), sigma^2 I)."""
+
+    @abc.abstractmethod
+    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drift f(x, t) (shaped like x) and diffusion g(t) (shape (B,))."""
+
+    @abc.abstractmethod
+    def prior_std(self) -> float:
+        """Standard deviation of the Gaussian prior p_1 = N(0, prior_std^2 I)."""
+
+    @abc.abstractmethod
+    def level_times(self) -> torch.Tensor:
+        """The N discrete levels as increasing times in (0, 1] or [0, 1]."""
+
+    @abc.abstractmethod
+    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """What a network is conditioned on at time t (DDPM step index or sigma)."""
+
+    def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean alpha(t) x0 and std sigma(t) (shape (B,)) of x(t) given x(0) = x0."""
+        alpha, sigma = self.marginal_coefficients(t)
+        return append_dims(alpha, x0.ndim) * x0, sigma
+
+    def sample_marginal(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """x(t) = alpha(t) x0 + sigma(t) noise."""
+        mean, std = self.marginal_prob(x0, t)
+        return mean + append_dims(std, x0.ndim) * noise
+
+    def prior_sampling(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """A draw from the prior N(0, prior_std^2 I)."""
+        return self.prior_std() * torch.randn(shape, generator=generator, device=device)
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, prior_std^2 I) per example."""
+        dim = z[0].numel()
+        std = self.prior_std()
+        sq = z.flatten(1).pow(2).sum(1)
+        return -0.5 * dim * math.log(2 * math.pi * std**2) - sq / (2 * std**2)
+
+    def transition_coefficients(
+        self, t_from: torch.Tensor, t_to: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of the exact transition x(t_to) = a x(t_from) + b z for t_from < t_to.
+
+        For a linear SDE, a = alpha(t_to) / alpha(t_from) and b^2 = sigma(t_to)^2 - a^2 sigma(t_from)^2.
+        """
+        alpha_from, sigma_from = self.marginal_coefficients(t_from)
+        alpha_to, sigma_to = self.marginal_coefficients(t_to)
+        a = alpha_to / alpha_from
+        b_sq = (sigma_to**2 - a**2 * sigma_from**2).clamp(min=0)
+        return a, b_sq.sqrt()
+
+    def discretize(
+        self, x: torch.Tensor, t: torch.Tensor, dt: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step x(t) = x(t - dt) + f + G z as (f, G) (Khungurn eq. 13), exact for linear SDEs.
+
+        For the VP SDE this is DDPM's chain, f = (sqrt(1 - beta_i) - 1) x, G = sqrt(beta_i); for the
+        VE SDE, f = 0, G = sqrt(sigma_i^2 - sigma_{i-1}^2) (SMLD). ``dt`` defaults to 1/N.
+        """
+        dt = 1.0 / self.num_steps if dt is None else dt
+        a, b = self.transition_coefficients((t - dt).clamp(min=0), t)
+        return (append_dims(a, x.ndim) - 1) * x, b
+
+    def ancestral_step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        score: torch.Tensor,
+        variance: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of x(t_prev) given x(t), by Tweedie on the transition t_prev -> t.
+
+        E[a x(t_prev) | x(t)] = x(t) + b^2 score (Khungurn sec. 7.1.2), so mean = (x + b^2 s) / a.
+        ``variance="transition"`` uses b^2 (DDPM's sigma_t^2 = beta_t, Ho et al. eq. 11 with
+        Khungurn eq. 14); ``"posterior"`` uses b^2 sigma(t_prev)^2 / sigma(t)^2, the variance of
+        q(x_prev | x_t, x_0) (Score SDE's ancestral sampler for SMLD).
+        """
+        variance = variance or self.ancestral_variance
+        a, b = self.transition_coefficients(t_prev, t)
+        mean = (x + append_dims(b**2, x.ndim) * score) / append_dims(a, x.ndim)
+        if variance == "transition":
+            return mean, b
+        if variance == "posterior":
+            _, sigma_prev = self.marginal_coefficients(t_prev)
+            _, sigma = self.marginal_coefficients(t)
+            return mean, b * sigma_prev / sigma
+        raise ConfigError(
+            f"unknown ancestral variance {variance!r}: use 'transition' or 'posterior'"
+        )
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Tweedie's estimate E[x(0) | x(t)] = (x + sigma^2 score) / alpha (the final denoising step)."""
+        alpha, sigma = self.marginal_coefficients(t)
+        return (x + append_dims(sigma**2, x.ndim) * score) / append_dims(alpha, x.ndim)
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
+        """The reverse-time SDE dx = [f - g^2 s] dt + g dW_bar, or with ``probability_flow`` the
+        ODE dx/dt = f - g^2 s / 2 (Khungurn sec. 7.3.1 and 7.3.3)."""
+        return ReverseSDE(self, score_fn, probability_flow)
+
+
+@dataclass
+class ReverseSDE:
+    """The reverse of ``forward`` driven by ``score_fn``; time still runs in forward units."""
+
+    forward: SDE
+    score_fn: ScoreFn
+    probability_flow: bool = False
+
+    @property
+    def _score_weight(self) -> float:
+        return 0.5 if self.probability_flow else 1.0
+
+    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reverse drift f - w g^2 s and diffusion (0 for the probability flow)."""
+        drift, g = self.forward.sde(x, t)
+        drift = drift - append_dims(g**2, x.ndim) * self.score_fn(x, t) * self._score_weight
+        return drift, torch.zeros_like(g) if self.probability_flow else g
+
+    def discretize(
+        self, x: torch.Tensor, t: torch.Tensor, dt: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reverse-diffusion discretisation (Khungurn eq. 13): x_prev = x - f + G^2 s + G z."""
+        f, big_g = self.forward.discretize(x, t, dt)
+        rev_f = f - append_dims(big_g**2, x.ndim) * self.score_fn(x, t) * self._score_weight
+        return rev_f, torch.zeros_like(big_g) if self.probability_flow else big_g
+
+
+class VESDE(SDE):
+    """Variance exploding SDE dx = sqrt(d sigma^2/dt) dW (Khungurn sec. 7.2.1).
+
+    sigma(t) interpolates the N levels of a sigma schedule log-linearly on t_i = i/(N-1); with the
+    default geometric schedule this is exactly sigma(t) = sigma_min (sigma_max/sigma_min)^t and
+    g(t) = sigma(t) sqrt(2 log(sigma_max/sigma_min)). As in Score SDE, x(0) is taken to carry the
+    smallest noise level already (p_0 = p_data convolved with N(0, sigma_min^2)), so the marginal
+    std is sigma(t) and level i is NCSN's x + sigma_i z exactly.
+    """
+
+    ancestral_variance = "posterior"
+
+    def __init__(
+        self,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        num_steps: int = 1000,
+        schedule: str = "geometric",
+    ) -> None:
+        super().__init__(num_steps)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        levels = schedules.sigma_schedule(schedule, sigma_max, sigma_min, num_steps)
+        self._log_sigmas = levels.flip(0).log()  # increasing with t
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The N levels in the papers' order, sigma_max first."""
+        return self._log_sigmas.flip(0).exp()
+
+    def _log_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_sigma, slope = _interpolate(self._log_sigmas, t * (self.num_steps - 1))
+        return log_sigma, slope * (self.num_steps - 1)
+
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_sigma, _ = self._log_sigma(t)
+        return torch.ones_like(t), log_sigma.exp()
+
+    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_sigma, dlog_sigma_dt = self._log_sigma(t)
+        return torch.zeros_like(x), log_sigma.exp() * (2 * dlog_sigma_dt).sqrt()
+
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def level_times(self) -> torch.Tensor:
+        return torch.linspace(0, 1, self.num_steps)
+
+    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma(t): NCSN networks are conditioned on the noise level."""
+        return self.marginal_coefficients(t)[1]
+
+
+class VPSDE(SDE):
+    """Variance preserving SDE dx = -beta(t)/2 x dt + sqrt(beta(t)) dW (Khungurn sec. 7.2.2).
+
+    Built from DDPM's discrete betas: log alpha_bar is interpolated linearly between the grid
+    points t_i = i/N, where it equals sum_{j<=i} log(1 - beta_j). So on the grid the marginal is
+    DDPM's N(sqrt(alpha_bar_i) x0, (1 - alpha_bar_i) I) exactly (Ho et al. eq. 4), and in between
+    beta(t) = -N log(1 - beta_i), within O(1/N) of Score SDE's beta_min + t (beta_max - beta_min).
+    """
+
+    def __init__(
+        self,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        num_steps: int = 1000,
+        schedule: str = "linear",
+    ) -> None:
+        super().__init__(num_steps)
+        self.beta_min, self.beta_max = beta_min, beta_max
+        self.discrete_betas = schedules.beta_schedule(schedule, num_steps, beta_min, beta_max)
+        if not bool(((self.discrete_betas > 0) & (self.discrete_betas < 1)).all()):
+            raise ConfigError("VP betas must lie in (0, 1): lower beta_max or raise num_steps")
+        zero = torch.zeros(1, dtype=torch.float64)
+        self._log_alpha_bars = torch.cat([zero, torch.log1p(-self.discrete_betas).cumsum(0)])
+
+    def log_alpha_bar(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log alpha_bar(t) = -int_0^t beta(s) ds and beta(t)."""
+        value, slope = _interpolate(self._log_alpha_bars, t * self.num_steps)
+        return value, -slope * self.num_steps
+
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_alpha_bar, _ = self.log_alpha_bar(t)
+        return (0.5 * log_alpha_bar).exp(), (-torch.expm1(log_alpha_bar)).sqrt()
+
+    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, beta = self.log_alpha_bar(t)
+        return -0.5 * append_dims(beta, x.ndim) * x, beta.sqrt()
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def level_times(self) -> torch.Tensor:
+        return torch.arange(1, self.num_steps + 1, dtype=torch.float32) / self.num_steps
+
+    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """DDPM's 0-based step index i - 1 at t = i/N (continuous in between)."""
+        return t * self.num_steps - 1
+
+
+class SubVPSDE(VPSDE):
+    """Sub-VP SDE dx = -beta/2 x dt + sqrt(beta (1 - alpha_bar^2)) dW (Khungurn sec. 7.2.3).
+
+    Same mean as VP, marginal std 1 - alpha_bar(t) (not its square root).
+    """
+
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_alpha_bar, _ = self.log_alpha_bar(t)
+        return (0.5 * log_alpha_bar).exp(), -torch.expm1(log_alpha_bar)
+
+    def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_alpha_bar, beta = self.log_alpha_bar(t)
+        return -0.5 * append_dims(beta, x.ndim) * x, (beta * -torch.expm1(2 * log_alpha_bar)).sqrt()

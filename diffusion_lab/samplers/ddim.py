@@ -1,0 +1,67 @@
+"""DDIM (Song, Meng & Ermon 2020, eq. 12 and 16) for any process with Gaussian marginals."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes.sde import SDE, ScoreFn
+from diffusion_lab.samplers.base import (
+    CountingScore,
+    SampleResult,
+    StepCallback,
+    final_denoise,
+    gaussian_like,
+    initial_state,
+    level_grid,
+    report,
+    step_pairs,
+)
+from diffusion_lab.utils import append_dims, batch_time
+
+
+@torch.no_grad()
+def ddim(
+    score_fn: ScoreFn,
+    process: SDE,
+    x_or_shape: torch.Tensor | tuple[int, ...],
+    steps: int | None = 50,
+    callback: StepCallback | None = None,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    denoise: bool = True,
+    return_trajectory: bool = False,
+    progress: bool = True,
+) -> SampleResult:
+    """x_prev = alpha_prev x0_hat + sqrt(sigma_prev^2 - s_eta^2) eps_hat + s_eta z (DDIM eq. 12).
+
+    In the VP case alpha = sqrt(abar), sigma = sqrt(1 - abar), and
+    s_eta = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev) (eq. 16), which is eta
+    times the posterior std of ``process.ancestral_step``. eta = 0 is deterministic; eta = 1 is
+    DDPM with the posterior variance. x0_hat and eps_hat come from the score by Tweedie:
+    eps_hat = -sigma s, x0_hat = (x - sigma eps_hat) / alpha.
+    """
+    if eta < 0:
+        raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
+    score = CountingScore(score_fn)
+    x = initial_state(process, x_or_shape, generator)
+    times = level_grid(process, steps, spacing)
+    trajectory = [] if return_trajectory else None
+    for k, t, t_next in step_pairs(times, progress, "ddim"):
+        t_b = batch_time(t, x.shape[0], x.device)
+        t_prev = batch_time(t_next, x.shape[0], x.device)
+        s = score(x, t_b)
+        _, sigma = process.marginal_coefficients(t_b)
+        alpha_prev, sigma_prev = process.marginal_coefficients(t_prev)
+        eps_hat = -append_dims(sigma, x.ndim) * s
+        x0_hat = process.denoise(x, t_b, s)
+        _, posterior_std = process.ancestral_step(x, t_b, t_prev, s, "posterior")
+        s_eta = eta * posterior_std
+        direction = (sigma_prev**2 - s_eta**2).clamp(min=0).sqrt()
+        x = append_dims(alpha_prev, x.ndim) * x0_hat + append_dims(direction, x.ndim) * eps_hat
+        if eta > 0 and t_next > 0:
+            x = x + append_dims(s_eta, x.ndim) * gaussian_like(x, generator)
+        report(callback, trajectory, x=x, t=t_next, step=k, denoised=x0_hat)
+    x = final_denoise(score, process, x, times[-1].item(), denoise)
+    return SampleResult(x, score.nfe, trajectory or [])

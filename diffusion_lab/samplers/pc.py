@@ -1,0 +1,133 @@
+"""Predictor-corrector samplers (Song et al. 2021 Alg. 1-3; Khungurn sec. 7.3.2).
+
+Each time step runs the corrector at t, then the predictor from t to the next time (the order of
+Score SDE's code). Predictors: Euler-Maruyama, reverse diffusion (Khungurn eq. 13), ancestral,
+none; correctors: Langevin with a target signal-to-noise ratio, none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes.sde import SDE, ScoreFn
+from diffusion_lab.samplers.base import (
+    CountingScore,
+    SampleResult,
+    StepCallback,
+    continuous_grid,
+    final_denoise,
+    gaussian_like,
+    initial_state,
+    report,
+    step_pairs,
+)
+from diffusion_lab.samplers.langevin import langevin_corrector
+from diffusion_lab.utils import append_dims, batch_time
+
+Predictor = Callable[
+    [CountingScore, SDE, torch.Tensor, float, float, "torch.Generator | None"],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+def euler_maruyama_predictor(score, process, x, t, t_next, generator):
+    """x <- x - [f - g^2 s] dt + g sqrt(dt) z, with dt = t - t_next > 0."""
+    dt = t - t_next
+    drift, g = process.reverse(score).sde(x, batch_time(t, x.shape[0], x.device))
+    mean = x - drift * dt
+    return mean + append_dims(g, x.ndim) * dt**0.5 * gaussian_like(x, generator), mean
+
+
+def reverse_diffusion_predictor(score, process, x, t, t_next, generator):
+    """x <- x - f_i + G_i^2 s + G_i z (Khungurn eq. 13) with the exact forward step (f_i, G_i)."""
+    f, big_g = process.reverse(score).discretize(x, batch_time(t, x.shape[0], x.device), t - t_next)
+    mean = x - f
+    return mean + append_dims(big_g, x.ndim) * gaussian_like(x, generator), mean
+
+
+def ancestral_predictor(score, process, x, t, t_next, generator):
+    """The ancestral step of ``process`` from t to t_next (DDPM's for VP, SMLD's for VE)."""
+    t_b = batch_time(t, x.shape[0], x.device)
+    t_prev = batch_time(t_next, x.shape[0], x.device)
+    mean, std = process.ancestral_step(x, t_b, t_prev, score(x, t_b))
+    return mean + append_dims(std, x.ndim) * gaussian_like(x, generator), mean
+
+
+def no_predictor(score, process, x, t, t_next, generator):
+    """Leave x unchanged (corrector-only sampling, as SMLD's annealed Langevin)."""
+    return x, x
+
+
+PREDICTORS: dict[str, Predictor] = {
+    "euler_maruyama": euler_maruyama_predictor,
+    "reverse_diffusion": reverse_diffusion_predictor,
+    "ancestral": ancestral_predictor,
+    "none": no_predictor,
+}
+CORRECTORS = ("langevin", "none")
+
+
+@torch.no_grad()
+def predictor_corrector(
+    score_fn: ScoreFn,
+    process: SDE,
+    x_or_shape: torch.Tensor | tuple[int, ...],
+    steps: int = 1000,
+    callback: StepCallback | None = None,
+    generator: torch.Generator | None = None,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    n_corrector_steps: int = 1,
+    eps: float = 1e-3,
+    denoise: bool = True,
+    return_trajectory: bool = False,
+    progress: bool = True,
+) -> SampleResult:
+    """Integrate the reverse SDE from t = 1 to ``eps`` in ``steps`` steps, then Tweedie-denoise.
+
+    With ``corrector="none"`` this is a plain reverse-SDE solver (Euler-Maruyama, reverse
+    diffusion or ancestral); with ``predictor="none"`` a corrector-only sampler.
+    """
+    if predictor not in PREDICTORS:
+        raise ConfigError(f"unknown predictor {predictor!r}: use one of {sorted(PREDICTORS)}")
+    if corrector not in CORRECTORS:
+        raise ConfigError(f"unknown corrector {corrector!r}: use one of {CORRECTORS}")
+    score = CountingScore(score_fn)
+    x = initial_state(process, x_or_shape, generator)
+    trajectory = [] if return_trajectory else None
+    for k, t, t_next in step_pairs(continuous_grid(steps, eps), progress, f"pc[{predictor}]"):
+        if corrector == "langevin":
+            x, _ = langevin_corrector(score, process, x, t, generator, snr, n_corrector_steps)
+        x, mean = PREDICTORS[predictor](score, process, x, t, t_next, generator)
+        report(callback, trajectory, x=x, t=t_next, step=k, mean=mean)
+    return SampleResult(final_denoise(score, process, x, eps, denoise), score.nfe, trajectory or [])
+
+
+def euler_maruyama(score_fn: ScoreFn, process: SDE, x_or_shape, steps: int = 1000, **options):
+    """Euler-Maruyama on the reverse SDE, no corrector."""
+    return predictor_corrector(
+        score_fn,
+        process,
+        x_or_shape,
+        steps,
+        predictor="euler_maruyama",
+        corrector="none",
+        **options,
+    )
+
+
+def reverse_diffusion(score_fn: ScoreFn, process: SDE, x_or_shape, steps: int = 1000, **options):
+    """The reverse-diffusion predictor (Khungurn eq. 13), no corrector."""
+    return predictor_corrector(
+        score_fn,
+        process,
+        x_or_shape,
+        steps,
+        predictor="reverse_diffusion",
+        corrector="none",
+        **options,
+    )
