@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_lab.errors import ConfigError
+from diffusion_lab.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 # ITU-R 601 luma, as PIL's convert("L") uses.
@@ -158,6 +159,49 @@ class TensorPairDataset(Dataset):
         """Batched fetch (one gather instead of B small ones)."""
         x, y = to_float_images(self.x[idx]), self.y[idx]
         return list(zip(x, y, strict=True))
+
+
+def load_image(path: str | Path, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
+    """Read one image file -> uint8 (channels, size, size) via :func:`center_crop_resize`.
+
+    An unreadable or truncated file raises a DataError naming it.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_uint8(center_crop_resize(img, size, crop), channels)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(
+            f"cannot read image {path} ({type(err).__name__}: {err}); replace or delete the file"
+        ) from None
+
+
+class ImageFileDataset(Dataset):
+    """Images decoded lazily from files (for sets too large to hold in memory).
+
+    Items: float32 (channels, size, size) in [0, 1] and the int64 label.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | torch.Tensor,
+        size: int,
+        channels: int,
+        crop: int | None = None,
+    ) -> None:
+        self.paths = [str(p) for p in paths]
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} files but {len(self.labels)} labels")
+        self.size, self.channels, self.crop = size, channels, crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = load_image(self.paths[i], self.size, self.channels, self.crop)
+        return to_float_images(img), self.labels[i]
 
 
 # ----------------------------------------------------------------------------- DataModules

@@ -1,0 +1,245 @@
+"""Photographs: scikit-image's bundled pictures (offline) and any folder of PNG / JPEG files.
+
+Resizing protocol for photographs: centre crop to a square, then PIL bicubic (antialiased) to
+``image_size`` (see :func:`diffusion_lab.data.base.center_crop_resize`); crops of
+``natural_crops`` are resized in torch (bilinear, antialiased) in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusion_lab.data.base import (
+    SPLITS,
+    TensorDataModule,
+    center_crop_resize,
+    check_choice,
+    check_int,
+    convert_channels,
+    load_image,
+    pil_to_uint8,
+    resize_images,
+    seeded_generator,
+    seeded_split,
+    to_float_images,
+)
+from diffusion_lab.errors import ConfigError, DataError
+
+# Photographs bundled inside the scikit-image wheel (no download through pooch).
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "brick",
+    "grass",
+    "gravel",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    """A bundled scikit-image photograph as uint8 (H, W, 3) or (H, W)."""
+    import skimage.data
+
+    check_choice("name", name, SKIMAGE_PHOTOS)
+    return np.asarray(getattr(skimage.data, name)(), dtype=np.uint8)
+
+
+def _photo_tensor(name: str, channels: int) -> torch.Tensor:
+    """A bundled photograph as uint8 (channels, H, W)."""
+    arr = skimage_photo(name)
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)[:3]
+    return convert_channels(t.contiguous(), channels)
+
+
+def _check_channels(channels: int) -> None:
+    check_choice("channels", channels, (1, 3))
+
+
+class SingleImageDataModule(TensorDataModule):
+    """One photograph, resized (shorter side = ``image_size``, centre crop), ``n_copies`` times.
+
+    Every split holds the same image (stored once and expanded). ``channels: 1`` gives grayscale.
+    """
+
+    def __init__(
+        self,
+        name: str = "astronaut",
+        n_copies: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        image_size: int = 64,
+        channels: int = 3,
+        value_range: Sequence[float] | None = (0.0, 1.0),
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
+        self.name = check_choice("name", name, SKIMAGE_PHOTOS)
+        _check_channels(self.channels)
+        check_int("image_size", image_size, 1)
+        self.n_copies = check_int("n_copies", n_copies, 1)
+
+    def image(self) -> torch.Tensor:
+        """The processed photograph, float32 (channels, image_size, image_size) in [0, 1]."""
+        img = Image.fromarray(skimage_photo(self.name))
+        return to_float_images(
+            pil_to_uint8(center_crop_resize(img, self.image_size), self.channels)
+        )
+
+    def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The image expanded to ``n_copies`` in every split (labels 0)."""
+        x = self.image().unsqueeze(0).expand(self.n_copies, -1, -1, -1)
+        y = torch.zeros(self.n_copies, dtype=torch.int64)
+        return {s: (x, y) for s in SPLITS}
+
+
+class NaturalCropsDataModule(TensorDataModule):
+    """Random ``crop_size`` crops of several bundled photographs, resized to ``image_size``.
+
+    Each split draws its crops (photo uniformly, position uniformly) from its own seeded stream, so
+    the splits are different crops of the same photographs; y is the photograph's index.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[str] = ("astronaut", "camera", "chelsea", "coffee", "rocket"),
+        crop_size: int = 128,
+        n_train: int = 5000,
+        n_val: int = 500,
+        n_test: int = 500,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        image_size: int = 32,
+        channels: int = 3,
+        value_range: Sequence[float] | None = (0.0, 1.0),
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
+        _check_channels(self.channels)
+        check_int("image_size", image_size, 1)
+        names = [images] if isinstance(images, str) else list(images)
+        if not names:
+            raise ConfigError(
+                "data.images is empty; list at least one of: " + ", ".join(SKIMAGE_PHOTOS)
+            )
+        self.images = [check_choice("images", n, SKIMAGE_PHOTOS) for n in names]
+        self.num_classes = len(self.images)
+        self.crop_size = check_int("crop_size", crop_size, 1)
+        self.sizes = {
+            "train": check_int("n_train", n_train, 1),
+            "val": check_int("n_val", n_val, 1),
+            "test": check_int("n_test", n_test, 1),
+        }
+
+    def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Crops of every split."""
+        photos = [_photo_tensor(n, self.channels) for n in self.images]
+        smallest = min(min(p.shape[-2:]) for p in photos)
+        if self.crop_size > smallest:
+            raise ConfigError(
+                f"data.crop_size={self.crop_size} exceeds the smallest photograph side ({smallest})"
+            )
+        return {s: self._crops(photos, n, s) for s, n in self.sizes.items()}
+
+    def _crops(
+        self, photos: list[torch.Tensor], n: int, split: str, chunk: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        g = seeded_generator(self.seed, "crops", split)
+        which = torch.randint(0, len(photos), (n,), generator=g)
+        pos = torch.rand(n, 2, generator=g, dtype=torch.float64)
+        c = self.crop_size
+        # Every crop position of every photo as a strided view (C, H-c+1, W-c+1, c, c): gathering
+        # from it is much faster than slicing crops one by one.
+        windows = [p.unfold(1, c, 1).unfold(2, c, 1) for p in photos]
+        out = torch.empty(n, self.channels, self.image_size, self.image_size)
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n))
+            for k, win in enumerate(windows):
+                sel = idx[which[idx] == k]
+                if len(sel) == 0:
+                    continue
+                top = (pos[sel, 0] * win.shape[1]).long()
+                left = (pos[sel, 1] * win.shape[2]).long()
+                crops = win[:, top, left].transpose(0, 1)  # (m, C, c, c)
+                out[sel] = resize_images(to_float_images(crops), self.image_size)
+        return out, which
+
+
+class ImageFolderDataModule(TensorDataModule):
+    """Every PNG / JPEG in ``root`` (sorted, not recursive), centre-cropped and resized.
+
+    ``crop`` centre-crops that many pixels (None: the largest square) before the bicubic resize.
+    ``holdout`` images (a seeded choice) are kept out of training and serve as val and test; with
+    ``holdout: 0`` (default, for few-image studies) val and test are the training images.
+    ``n_copies`` repeats the training images to lengthen an epoch. Labels are 0.
+    """
+
+    def __init__(
+        self,
+        root: str = "images",
+        image_size: int = 64,
+        crop: int | None = None,
+        holdout: int = 0,
+        n_copies: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        channels: int = 3,
+        value_range: Sequence[float] | None = (0.0, 1.0),
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
+        _check_channels(self.channels)
+        check_int("image_size", image_size, 1)
+        self.root = Path(root).expanduser().resolve()
+        self.crop = None if crop is None else check_int("crop", crop, 1)
+        self.holdout = check_int("holdout", holdout, 0)
+        self.n_copies = check_int("n_copies", n_copies, 1)
+
+    def files(self) -> list[Path]:
+        """The image files, sorted; DataError naming the folder if it is missing or holds none."""
+        if not self.root.is_dir():
+            raise DataError(
+                f"image folder {self.root} does not exist; set data.root to a folder of PNG/JPEG files"
+            )
+        files = sorted(
+            p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DataError(
+                f"no PNG/JPEG images in {self.root}; set data.root to a folder of PNG/JPEG files"
+            )
+        return files
+
+    def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """All images decoded once; the seeded holdout split; training copies."""
+        files = self.files()
+        if self.holdout >= len(files):
+            raise ConfigError(
+                f"data.holdout={self.holdout} leaves no training image ({len(files)} in {self.root})"
+            )
+        x = torch.stack([load_image(f, self.image_size, self.channels, self.crop) for f in files])
+        y = torch.zeros(len(files), dtype=torch.int64)
+        if self.holdout:
+            train_idx, held = seeded_split(
+                len(files), [len(files) - self.holdout, self.holdout], self.seed
+            )
+            train_idx = train_idx.sort().values
+            held = held.sort().values
+        else:
+            train_idx = held = torch.arange(len(files))
+        train_idx = train_idx.repeat(self.n_copies)
+        return {
+            "train": (x[train_idx], y[train_idx]),
+            "val": (x[held], y[held]),
+            "test": (x[held], y[held]),
+        }
