@@ -1,0 +1,217 @@
+"""A small CNN classifier of scikit-learn's 8x8 digits, for offline FID/KID features and coverage.
+
+Protocol (written down once, see PITFALLS "Evaluation"):
+
+- data: ``sklearn.datasets.load_digits`` (bundled with scikit-learn, no download), values / 16 -> [0, 1];
+- split: ``torch.randperm(1797, generator=torch.Generator().manual_seed(seed))``; the first 1437
+  indices are train, the next 180 validation, the last 180 test (the data package uses the same rule);
+- any image size: 8x8 images are resized with bilinear antialiased ``F.interpolate``; the classifier
+  converts its input to grayscale and resizes it to a fixed internal 16x16 the same way, so one trained
+  net serves every image size;
+- training: seeded, light augmentation (random shifts by up to 1 px at 8x8 and random intermediate
+  sizes), weights cached as a ``state_dict`` and loaded with ``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_NAME = "digits_classifier_v1.pt"
+INTERNAL_SIZE = 16
+NUM_CLASSES = 10
+NUM_FEATURES = 128
+SPLIT_SIZES = {"train": (0, 1437), "val": (1437, 1617), "test": (1617, 1797)}
+
+_LOADED: dict[tuple[str, str], DigitsClassifier] = {}
+
+
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (N, C, H, W) images to ``size`` x ``size`` with bilinear antialiased interpolation."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def load_digits_split(
+    split: str = "train", image_size: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, image_size, image_size) in [0, 1] and labels (N,) of one split of digits."""
+    from sklearn.datasets import load_digits
+
+    if split not in SPLIT_SIZES and split != "all":
+        raise ValueError(f"split must be one of {[*SPLIT_SIZES, 'all']}, got {split!r}")
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    if split != "all":
+        start, stop = SPLIT_SIZES[split]
+        perm = perm[start:stop]
+    images = resize_images(images[perm], image_size).clamp(0.0, 1.0)
+    return images, labels[perm]
+
+
+class DigitsClassifier(nn.Module):
+    """CNN on 16x16 grayscale digits; ``features`` is the penultimate layer (for FID/KID)."""
+
+    num_features: int = NUM_FEATURES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),  # 8x8
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),  # 4x4
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, NUM_FEATURES),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(NUM_FEATURES, NUM_CLASSES)
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [0, 1] -> grayscale (N, 1, 16, 16) float32."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+        x = x.float()
+        if x.shape[1] == 3:
+            x = x.mean(dim=1, keepdim=True)
+        return resize_images(x, INTERNAL_SIZE)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features (N, 128) of images in [0, 1]."""
+        return self.body(self.prepare(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, 10) of images in [0, 1]."""
+        return self.head(self.features(x))
+
+
+def _augment(images8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts by up to 1 px at 8x8 and a random intermediate size, returned at 16x16."""
+    n = images8.shape[0]
+    padded = F.pad(images8, (1, 1, 1, 1))
+    dy = torch.randint(0, 3, (n,), generator=generator)
+    dx = torch.randint(0, 3, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(8))[:, :, None]
+    cols = (dx[:, None] + torch.arange(8))[:, None, :]
+    shifted = padded[:, 0][torch.arange(n)[:, None, None], rows, cols].unsqueeze(1)
+    size = [8, 16, 24, 32][int(torch.randint(0, 4, (1,), generator=generator))]
+    return resize_images(resize_images(shifted, size), INTERNAL_SIZE)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of ``images`` that ``model`` classifies as ``labels``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = torch.cat([model(b.to(device)).argmax(1).cpu() for b in images.split(512)])
+    model.train(was_training)
+    return float((preds == labels).float().mean())
+
+
+def train_digits_classifier(
+    seed: int = 0, epochs: int = 20, batch_size: int = 64, lr: float = 2e-3
+) -> DigitsClassifier:
+    """Train a classifier on the train split (deterministic for a seed); returns it in eval mode.
+
+    Runs on one CPU thread (restored afterwards): the net is too small to gain from more, and
+    OpenMP threads on a busy machine made it several times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(seed, epochs, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(seed: int, epochs: int, batch_size: int, lr: float) -> DigitsClassifier:
+    images, labels = load_digits_split("train", image_size=8, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitsClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(labels), generator=generator)
+        for idx in perm.split(batch_size):
+            x = _augment(images[idx], generator)
+            loss = F.cross_entropy(model.head(model.body(x)), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return _freeze(model)
+
+
+def _freeze(model: DigitsClassifier) -> DigitsClassifier:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def cache_path() -> Path:
+    """``${DIFFUSION_LAB_CACHE:-~/.cache/diffusion_lab}/digits_classifier_v1.pt``."""
+    root = os.environ.get("DIFFUSION_LAB_CACHE") or os.path.join("~", ".cache", "diffusion_lab")
+    return Path(root).expanduser() / CACHE_NAME
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(path: Path) -> DigitsClassifier | None:
+    """The cached classifier, or None when the file is missing or unusable (never unpickled)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = DigitsClassifier()
+        model.load_state_dict(state)
+    except Exception as exc:  # corrupt or incompatible file: retrain, never weights_only=False
+        warnings.warn(
+            f"ignoring unusable digits classifier cache {path} ({exc}); retraining", stacklevel=3
+        )
+        return None
+    return _freeze(model)
+
+
+def get_digits_classifier(device: str | torch.device = "cpu") -> DigitsClassifier:
+    """The trained digits classifier (seed 0) in eval mode, from the cache or trained and cached."""
+    path = cache_path()
+    key = (str(path), str(device))
+    if key not in _LOADED:
+        model = _load_cached(path)
+        if model is None:
+            model = train_digits_classifier(seed=0)
+            try:
+                _save_atomic(model.state_dict(), path)
+            except OSError as exc:
+                warnings.warn(
+                    f"could not cache the digits classifier at {path}: {exc}", stacklevel=2
+                )
+        _LOADED[key] = model.to(device)
+    return _LOADED[key]
