@@ -20,7 +20,10 @@ import torch
 
 def _quantile_levels(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Interval weights and the sorted-sample indices of two empirical quantile functions on them."""
-    steps = torch.cat([torch.arange(1, n + 1) / n, torch.arange(1, m + 1) / m]).double()
+    f64 = torch.float64
+    steps = torch.cat(
+        [torch.arange(1, n + 1, dtype=f64) / n, torch.arange(1, m + 1, dtype=f64) / m]
+    )
     upper = torch.unique(steps.clamp(max=1.0))
     lower = torch.cat([upper.new_zeros(1), upper[:-1]])
     mid = (lower + upper) / 2

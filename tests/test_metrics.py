@@ -1,0 +1,200 @@
+"""Tests of diffusion_lab.metrics against closed forms, scipy and the digits data."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.metrics import digits_classifier as dc
+from diffusion_lab.metrics.coverage import class_coverage, plot_class_histogram
+from diffusion_lab.metrics.fid import build_fid, compute_fid, compute_kid
+from diffusion_lab.metrics.image_quality import mse, psnr, ssim, ssim_kernel_size
+from diffusion_lab.metrics.sliced_wasserstein import sliced_wasserstein
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dc.DigitsClassifier]:
+    """The digits classifier, trained once per session into a temporary cache dir."""
+    old = os.environ.get("DIFFUSION_LAB_CACHE")
+    os.environ["DIFFUSION_LAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield dc.get_digits_classifier()
+    finally:
+        if old is None:
+            os.environ.pop("DIFFUSION_LAB_CACHE")
+        else:
+            os.environ["DIFFUSION_LAB_CACHE"] = old
+
+
+# --- image quality -----------------------------------------------------------------------------
+
+
+def test_psnr_and_mse_of_constant_offset() -> None:
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8
+    offset = 0.1
+    expected = -10 * math.log10(offset**2)
+    assert mse(x + offset, x) == pytest.approx(offset**2, rel=1e-4)
+    assert psnr(x + offset, x) == pytest.approx(expected, rel=1e-4)
+    assert psnr(x + offset, x, per_image=True) == pytest.approx(expected, rel=1e-4)
+    assert psnr(x, x) == math.inf
+
+
+def test_ssim_identical_and_constant_images() -> None:
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-5)
+    # Constant images: no variance, SSIM = (2 a b + C1) / (a^2 + b^2 + C1), C1 = (0.01 * 1)^2.
+    a, b, c1 = 0.3, 0.5, 1e-4
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    got = ssim(torch.full((2, 1, 8, 8), a), torch.full((2, 1, 8, 8), b))
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("size, kernel", [(8, 7), (32, 11), (11, 11), (4, 3), (1, 1)])
+def test_ssim_kernel_shrinks_for_tiny_images(size: int, kernel: int) -> None:
+    assert ssim_kernel_size(size, size) == kernel
+    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(2))
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-5)
+    assert ssim(x, x * 0.5) < 1.0
+
+
+def test_image_quality_rejects_bad_inputs() -> None:
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="shape"):
+        ssim(x, torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        psnr(x * 2 - 1, x)
+
+
+# --- sliced Wasserstein -------------------------------------------------------------------------
+
+
+def test_sliced_wasserstein_identical_sets_is_zero() -> None:
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(0))
+    assert sliced_wasserstein(x, x.flip(0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sliced_wasserstein_translation_closed_form() -> None:
+    # For y = x + v: each projection shifts by <theta, v>, so SW_2^2 = E <theta, v>^2 = |v|^2 / d.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=g)
+    v = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    got = sliced_wasserstein(x, x + v, n_projections=20000, generator=g)
+    assert got == pytest.approx(float(v.norm()) / 2.0, rel=0.03)
+
+
+def test_sliced_wasserstein_1d_matches_scipy_for_unequal_sizes() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(301, 1, generator=g, dtype=torch.float64)
+    y = 0.5 + 2.0 * torch.randn(157, 1, generator=g, dtype=torch.float64)
+    expected = wasserstein_distance(x.squeeze(1).numpy(), y.squeeze(1).numpy())
+    assert sliced_wasserstein(x, y, n_projections=3, p=1) == pytest.approx(expected, rel=1e-9)
+
+
+def test_sliced_wasserstein_1d_p2_equal_sizes_is_sorted_mean() -> None:
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(100, 1, generator=g), torch.randn(100, 1, generator=g) + 1
+    expected = ((x.sort(0).values - y.sort(0).values) ** 2).mean().sqrt()
+    assert sliced_wasserstein(x, y, n_projections=2) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_sliced_wasserstein_is_seeded() -> None:
+    x, y = torch.randn(50, 3), torch.randn(70, 3)
+    first = sliced_wasserstein(x, y, 16, torch.Generator().manual_seed(5))
+    assert first == sliced_wasserstein(x, y, 16, torch.Generator().manual_seed(5))
+
+
+# --- digits classifier --------------------------------------------------------------------------
+
+
+def test_digits_split_rule() -> None:
+    images, labels = dc.load_digits_split("test", image_size=16)
+    assert images.shape == (180, 1, 16, 16) and labels.shape == (180,)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+    _, all_labels = dc.load_digits_split("all")
+    assert torch.equal(labels, all_labels[torch.argsort(perm)][perm[1617:]])
+
+
+@pytest.mark.parametrize("image_size", [8, 32])
+def test_digits_classifier_accuracy(classifier: dc.DigitsClassifier, image_size: int) -> None:
+    images, labels = dc.load_digits_split("test", image_size=image_size)
+    acc = dc.accuracy(classifier, images, labels)
+    print(f"digits classifier test accuracy at {image_size}px: {acc:.4f}")
+    assert acc >= 0.97
+    assert not classifier.training
+    assert classifier.features(images[:5]).shape == (5, dc.NUM_FEATURES)
+    assert classifier(images[:5].expand(-1, 3, -1, -1)).shape == (5, 10)
+
+
+def test_digits_classifier_cache(classifier: dc.DigitsClassifier, tmp_path) -> None:
+    path = dc.cache_path()
+    assert path.is_file() and not list(path.parent.glob("*.tmp"))
+    reloaded = dc._load_cached(path)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(reloaded(x), classifier(x))
+    corrupt = tmp_path / dc.CACHE_NAME
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="retraining"):
+        assert dc._load_cached(corrupt) is None
+
+
+# --- FID / KID ----------------------------------------------------------------------------------
+
+
+def test_fid_digits_real_vs_real_far_below_noise(classifier: dc.DigitsClassifier) -> None:
+    images, _ = dc.load_digits_split("all", image_size=16)
+    first, second = images[::2], images[1::2]
+    real = compute_fid(first, second)
+    noise = compute_fid(torch.rand(first.shape, generator=torch.Generator().manual_seed(0)), second)
+    print(f"fid_digits real-vs-real {real['fid_digits']:.2f}, noise {noise['fid_digits']:.2f}")
+    assert real["metric"] == "fid_digits" and "fid" not in real
+    assert real["num_fake"] == 899 and real["num_real"] == 898
+    assert real["fid_digits"] < 0.1 * noise["fid_digits"]
+
+
+def test_kid_digits(classifier: dc.DigitsClassifier) -> None:
+    images, _ = dc.load_digits_split("all", image_size=8)
+    noise = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    real = compute_kid(images[:400], images[400:800], subset_size=200, subsets=20)
+    fake = compute_kid(noise, images[400:800], subset_size=200, subsets=20)
+    assert fake["metric"] == "kid_digits" and fake["subset_size"] == 50
+    assert real["kid_digits"] < 0.1 * fake["kid_digits"]
+
+
+def test_fid_names_never_mix(classifier: dc.DigitsClassifier) -> None:
+    _, name = build_fid("digits")
+    assert name == "fid_digits"
+    with pytest.raises(ConfigError):
+        build_fid("inception", weights_path="/nonexistent/inception.pth")
+    with pytest.raises(ConfigError):
+        build_fid("resnet")
+    with pytest.warns(UserWarning, match="fid_digits"):
+        _, name = build_fid("auto", weights_path="/nonexistent/inception.pth")
+    assert name == "fid_digits"
+
+
+# --- coverage -----------------------------------------------------------------------------------
+
+
+def test_coverage_of_real_test_digits(classifier: dc.DigitsClassifier, tmp_path) -> None:
+    images, _ = dc.load_digits_split("test", image_size=16)
+    result = class_coverage(images, classifier, confidence=0.9)
+    assert result["num_samples"] == 180 and len(result["counts"]) == 10
+    assert result["classes_present"] == 10
+    assert result["confident_fraction"] >= 0.9
+    assert result["balance"] > 0.95
+    png = plot_class_histogram(result, tmp_path / "hist.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coverage_of_one_class(classifier: dc.DigitsClassifier) -> None:
+    images, labels = dc.load_digits_split("test", image_size=8)
+    result = class_coverage(images[labels == 3], classifier, confidence=0.5)
+    assert result["classes_present"] == 1 and result["counts"][3] == sum(result["counts"])
+    assert result["balance"] == pytest.approx(0.0, abs=1e-12)
