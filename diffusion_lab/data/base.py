@@ -38,12 +38,23 @@ def check_int(name: str, value: Any, minimum: int = 0, maximum: int | None = Non
     return int(value)
 
 
+def check_optional_int(name: str, value: Any, minimum: int = 1) -> int | None:
+    """None, or ``value`` checked by :func:`check_int`."""
+    return None if value is None else check_int(name, value, minimum)
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a ConfigError listing them."""
     if value not in choices:
         listed = ", ".join(str(c) for c in choices)
         raise ConfigError(f"data.{name}={value!r} is not valid; choose one of: {listed}")
     return value
+
+
+def check_split_sizes(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
+    """``{"train": n_train, "val": n_val, "test": n_test}``, each checked to be >= 1."""
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    return {k: check_int(f"n_{k}", v, 1) for k, v in sizes.items()}
 
 
 def check_value_range(value_range: Sequence[float] | None) -> tuple[float, float] | None:
@@ -88,6 +99,11 @@ def seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- image helpers
+def resolve_root(root: str | Path) -> Path:
+    """A data root as an absolute path, relative paths taken from the current working directory."""
+    return Path(root).expanduser().resolve()
+
+
 def to_float_images(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1]; float images -> float32 unchanged."""
     if x.dtype == torch.uint8:
@@ -239,6 +255,12 @@ class SplitDataModule(L.LightningDataModule):
         self.channels = check_int("channels", channels, 1)
         self.value_range = check_value_range(value_range)
         self._splits: dict[str, Dataset] | None = None
+
+    def require_image_args(self) -> None:
+        """For image sets: ``image_size`` must be set and ``channels`` be 1 or 3."""
+        if self.image_size is None:
+            raise ConfigError("data.image_size must be set (an integer >= 1) for an image data set")
+        check_choice("channels", self.channels, (1, 3))
 
     # -- to implement
     def build_splits(self) -> dict[str, Dataset]:

@@ -73,9 +73,7 @@ class DigitsDataModule(TensorDataModule):
         split_seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
-        check_choice("channels", self.channels, (1, 3))
-        if image_size is None:
-            check_int("image_size", image_size, 1)
+        self.require_image_args()
         self.split_seed = check_int("split_seed", split_seed, 0)
 
     def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

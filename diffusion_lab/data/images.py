@@ -20,10 +20,13 @@ from diffusion_lab.data.base import (
     center_crop_resize,
     check_choice,
     check_int,
+    check_optional_int,
+    check_split_sizes,
     convert_channels,
     load_image,
     pil_to_uint8,
     resize_images,
+    resolve_root,
     seeded_generator,
     seeded_split,
     to_float_images,
@@ -62,10 +65,6 @@ def _photo_tensor(name: str, channels: int) -> torch.Tensor:
     return convert_channels(t.contiguous(), channels)
 
 
-def _check_channels(channels: int) -> None:
-    check_choice("channels", channels, (1, 3))
-
-
 class SingleImageDataModule(TensorDataModule):
     """One photograph, resized (shorter side = ``image_size``, centre crop), ``n_copies`` times.
 
@@ -85,8 +84,7 @@ class SingleImageDataModule(TensorDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
         self.name = check_choice("name", name, SKIMAGE_PHOTOS)
-        _check_channels(self.channels)
-        check_int("image_size", image_size, 1)
+        self.require_image_args()
         self.n_copies = check_int("n_copies", n_copies, 1)
 
     def image(self) -> torch.Tensor:
@@ -125,8 +123,7 @@ class NaturalCropsDataModule(TensorDataModule):
         value_range: Sequence[float] | None = (0.0, 1.0),
     ) -> None:
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
-        _check_channels(self.channels)
-        check_int("image_size", image_size, 1)
+        self.require_image_args()
         names = [images] if isinstance(images, str) else list(images)
         if not names:
             raise ConfigError(
@@ -135,11 +132,7 @@ class NaturalCropsDataModule(TensorDataModule):
         self.images = [check_choice("images", n, SKIMAGE_PHOTOS) for n in names]
         self.num_classes = len(self.images)
         self.crop_size = check_int("crop_size", crop_size, 1)
-        self.sizes = {
-            "train": check_int("n_train", n_train, 1),
-            "val": check_int("n_val", n_val, 1),
-            "test": check_int("n_test", n_test, 1),
-        }
+        self.sizes = check_split_sizes(n_train, n_val, n_test)
 
     def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Crops of every split."""
@@ -198,10 +191,9 @@ class ImageFolderDataModule(TensorDataModule):
         value_range: Sequence[float] | None = (0.0, 1.0),
     ) -> None:
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
-        _check_channels(self.channels)
-        check_int("image_size", image_size, 1)
-        self.root = Path(root).expanduser().resolve()
-        self.crop = None if crop is None else check_int("crop", crop, 1)
+        self.require_image_args()
+        self.root = resolve_root(root)
+        self.crop = check_optional_int("crop", crop)
         self.holdout = check_int("holdout", holdout, 0)
         self.n_copies = check_int("n_copies", n_copies, 1)
 

@@ -21,28 +21,27 @@ from diffusion_lab.data.base import (
     ImageFileDataset,
     SplitDataModule,
     TensorDataModule,
-    check_choice,
     check_int,
+    check_optional_int,
     convert_channels,
     resize_images,
+    resolve_root,
     seeded_split,
     to_float_images,
 )
 from diffusion_lab.errors import ConfigError
 
 
-def _resolve(root: str | Path) -> Path:
-    return Path(root).expanduser().resolve()
-
-
 class _TrainTestDataModule(TensorDataModule):
     """In-memory set with a train and a test file set; ``n_val`` seeded holdout from train.
 
     With ``n_val: 0`` the val loader serves the test set (the usual practice for generative models,
-    which train on the whole training set).
+    which train on the whole training set). ``image_size`` / ``channels`` default to the native
+    ones; another size is a bilinear antialiased resize, 1 <-> 3 channels a luma / gray repeat.
     """
 
     native_size: int = 32
+    native_channels: int = 3
     num_classes = 10
     read: Callable[[str | Path, bool], tuple[np.ndarray, np.ndarray]]
     fetch: Callable[[str | Path], None]
@@ -50,20 +49,21 @@ class _TrainTestDataModule(TensorDataModule):
 
     def __init__(
         self,
-        root: str,
-        download: bool,
-        n_val: int,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        image_size: int,
-        channels: int,
-        value_range: Sequence[float] | None,
+        root: str = "datasets",
+        download: bool = False,
+        n_val: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        image_size: int | None = None,
+        channels: int | None = None,
+        value_range: Sequence[float] | None = (0.0, 1.0),
     ) -> None:
+        image_size = self.native_size if image_size is None else image_size
+        channels = self.native_channels if channels is None else channels
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
-        check_int("image_size", image_size, 1)
-        check_choice("channels", self.channels, (1, 3))
-        self.root = _resolve(root)
+        self.require_image_args()
+        self.root = resolve_root(root)
         self.download = bool(download)
         self.n_val = check_int("n_val", n_val, 0)
 
@@ -99,95 +99,37 @@ class _TrainTestDataModule(TensorDataModule):
 
 
 class MNISTDataModule(_TrainTestDataModule):
-    """MNIST, 28x28 grayscale (``image_size: 32`` resizes, bilinear antialiased); 10 classes."""
+    """MNIST, 28x28 grayscale (``image_size: 32`` resizes, bilinear antialiased); 10 classes.
+
+    Arguments: see :class:`_TrainTestDataModule` (root, download, n_val, batch_size, num_workers,
+    seed, image_size = 28, channels = 1, value_range).
+    """
 
     native_size = 28
+    native_channels = 1
     read = staticmethod(formats.read_mnist)
     fetch = staticmethod(formats.download_mnist)
     available = staticmethod(formats.mnist_available)
 
-    def __init__(
-        self,
-        root: str = "datasets",
-        download: bool = False,
-        n_val: int = 0,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        image_size: int = 28,
-        channels: int = 1,
-        value_range: Sequence[float] | None = (0.0, 1.0),
-    ) -> None:
-        super().__init__(
-            root, download, n_val, batch_size, num_workers, seed, image_size, channels, value_range
-        )
-
 
 class CIFAR10DataModule(_TrainTestDataModule):
-    """CIFAR-10, 32x32 RGB, 50,000 train / 10,000 test; 10 classes."""
+    """CIFAR-10, 32x32 RGB, 50,000 train / 10,000 test; 10 classes.
+
+    Arguments: see :class:`_TrainTestDataModule` (image_size = 32, channels = 3).
+    """
 
     native_size = 32
+    native_channels = 3
     read = staticmethod(formats.read_cifar10)
     fetch = staticmethod(formats.download_cifar10)
     available = staticmethod(formats.cifar10_available)
 
-    def __init__(
-        self,
-        root: str = "datasets",
-        download: bool = False,
-        n_val: int = 0,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        image_size: int = 32,
-        channels: int = 3,
-        value_range: Sequence[float] | None = (0.0, 1.0),
-    ) -> None:
-        super().__init__(
-            root, download, n_val, batch_size, num_workers, seed, image_size, channels, value_range
-        )
-
 
 class _FileDataModule(SplitDataModule):
-    """Sets decoded lazily from image files; ``download`` is accepted but cannot be honoured."""
+    """Sets decoded lazily from image files; ``download`` is accepted but cannot be honoured.
 
-    def __init__(
-        self,
-        root: str,
-        download: bool,
-        crop: int | None,
-        max_per_split: int | None,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        image_size: int,
-        channels: int,
-        value_range: Sequence[float] | None,
-    ) -> None:
-        super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
-        check_int("image_size", image_size, 1)
-        check_choice("channels", self.channels, (1, 3))
-        self.root = _resolve(root)
-        self.download = bool(download)  # the DataError for a missing set says how to get it
-        self.crop = None if crop is None else check_int("crop", crop, 1)
-        self.max_per_split = (
-            None if max_per_split is None else check_int("max_per_split", max_per_split, 1)
-        )
-
-    def _dataset(self, paths: Sequence[Path], labels: Sequence[int]) -> ImageFileDataset:
-        """Lazy data set; with ``max_per_split``, a seeded subset (kept in file order)."""
-        if self.max_per_split is not None and self.max_per_split < len(paths):
-            keep = seeded_split(len(paths), [self.max_per_split], self.seed)[0].sort().values
-            paths = [paths[i] for i in keep]
-            labels = [labels[i] for i in keep]
-        assert self.image_size is not None
-        return ImageFileDataset(paths, labels, self.image_size, self.channels, self.crop)
-
-
-class CelebADataModule(_FileDataModule):
-    """CelebA aligned faces: centre crop 140x140, resize to 64 (the standard 64x64 protocol).
-
-    Splits from ``list_eval_partition.txt``; labels 0. ``max_per_split`` keeps a seeded subset.
+    ``crop`` centre-crops that many pixels (None: the largest square) before the bicubic resize to
+    ``image_size``; ``max_per_split`` keeps a seeded subset of each split (small runs).
     """
 
     def __init__(
@@ -203,18 +145,30 @@ class CelebADataModule(_FileDataModule):
         channels: int = 3,
         value_range: Sequence[float] | None = (0.0, 1.0),
     ) -> None:
-        super().__init__(
-            root,
-            download,
-            crop,
-            max_per_split,
-            batch_size,
-            num_workers,
-            seed,
-            image_size,
-            channels,
-            value_range,
-        )
+        super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
+        self.require_image_args()
+        self.root = resolve_root(root)
+        self.download = bool(download)  # the DataError for a missing set says how to get it
+        self.crop = check_optional_int("crop", crop)
+        self.max_per_split = check_optional_int("max_per_split", max_per_split)
+
+    def _dataset(self, paths: Sequence[Path], labels: Sequence[int]) -> ImageFileDataset:
+        """Lazy data set; with ``max_per_split``, a seeded subset (kept in file order)."""
+        if self.max_per_split is not None and self.max_per_split < len(paths):
+            keep = seeded_split(len(paths), [self.max_per_split], self.seed)[0].sort().values
+            paths = [paths[i] for i in keep]
+            labels = [labels[i] for i in keep]
+        assert self.image_size is not None
+        return ImageFileDataset(paths, labels, self.image_size, self.channels, self.crop)
+
+
+class CelebADataModule(_FileDataModule):
+    """CelebA aligned faces: centre crop 140x140, resize to 64 (the standard 64x64 protocol).
+
+    Splits from ``list_eval_partition.txt``; labels 0. Arguments: see :class:`_FileDataModule`
+    (root, download, crop = 140, max_per_split, batch_size, num_workers, seed, image_size = 64,
+    channels = 3, value_range).
+    """
 
     def prepare_data(self) -> None:
         """Check that the files are there (fails at once with where to put them)."""
@@ -248,20 +202,10 @@ class ImageNetDataModule(_FileDataModule):
         value_range: Sequence[float] | None = (0.0, 1.0),
     ) -> None:
         super().__init__(
-            root,
-            download,
-            crop,
-            max_per_split,
-            batch_size,
-            num_workers,
-            seed,
-            image_size,
-            channels,
-            value_range,
-        )
-        self.max_per_class = (
-            None if max_per_class is None else check_int("max_per_class", max_per_class, 1)
-        )
+            root, download, crop, max_per_split, batch_size, num_workers, seed, image_size,
+            channels, value_range,
+        )  # fmt: skip
+        self.max_per_class = check_optional_int("max_per_class", max_per_class)
         self._classes: list[str] | None = None
 
     @property

@@ -27,6 +27,7 @@ from diffusion_lab.data.base import (
     TensorDataModule,
     check_choice,
     check_int,
+    check_split_sizes,
     derive_seed,
     seeded_generator,
 )
@@ -274,11 +275,7 @@ class Toy2DDataModule(TensorDataModule):
             if isinstance(self.source, GaussianMixture)
             else {"two_moons": 2, "rings": 4, "checkerboard": 8}[name]
         )
-        self.sizes = {
-            "train": check_int("n_train", n_train, 1),
-            "val": check_int("n_val", n_val, 1),
-            "test": check_int("n_test", n_test, 1),
-        }
+        self.sizes = check_split_sizes(n_train, n_val, n_test)
 
     def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each split sampled with its own generator derived from ``seed``."""
