@@ -1,0 +1,38 @@
+"""EMA of the weights through Lightning's own weight-averaging callback, with a warm-up."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+from diffusion_lab.errors import ConfigError
+
+
+def warmup_ema_decay(decay: float, num_averaged: int) -> float:
+    """min(decay, (1 + n) / (10 + n)): the warm-up that keeps an early EMA from being pure noise
+    (PITFALLS: improved-diffusion #59; the schedule of TensorFlow's ExponentialMovingAverage with
+    num_updates, as used by NCSNv2 and Score SDE)."""
+    return min(decay, (1 + num_averaged) / (10 + num_averaged))
+
+
+class WarmupEMA(WeightAveraging):
+    """Exponential moving average of the parameters only (never buffers: PITFALLS,
+    denoising-diffusion-pytorch #136), decay warmed up by :func:`warmup_ema_decay`.
+
+    Lightning swaps the averaged weights in for validation (so samples drawn there use EMA), copies
+    them into the model when training ends, and saves both in checkpoints.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"ema decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        super().__init__(use_buffers=False, avg_fn=self._average)
+
+    def _average(
+        self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
+    ) -> torch.Tensor:
+        n = int(num_averaged)
+        decay = warmup_ema_decay(self.decay, n) if self.warmup else self.decay
+        return decay * averaged + (1 - decay) * current

@@ -1,0 +1,117 @@
+"""``python -m diffusion_lab.run``: compose a config, train, sample, evaluate, write the run folder.
+
+The run folder holds the resolved config (config.yaml), checkpoints/ (last.ckpt), samples/ (a PNG
+grid per validation), samples.png and samples.pt (final EMA samples), metrics.csv and curves.png,
+final_metrics.json and the loggers' files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import torch
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.build import build_datamodule, build_method, build_trainer, resolve_checkpoint
+from diffusion_lab.callbacks.images import save_samples_picture
+from diffusion_lab.errors import DiffusionLabError
+
+log = logging.getLogger("diffusion_lab")
+
+
+def wandb_mode() -> str:
+    """W&B's mode: ``WANDB_MODE`` if set, online if logged in, else offline (never a prompt)."""
+    import os
+
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    import wandb
+
+    return "online" if wandb.login(prompt=False, verify=False) else "offline"
+
+
+OmegaConf.register_new_resolver("wandb_mode", wandb_mode, replace=True)
+
+
+def config_dir() -> str:
+    """conf/ shipped inside the package (wheel) or beside it (source checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError("diffusion_lab's conf/ folder is missing: reinstall the package")
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Stop with one clear line, not a traceback, on the project's own errors."""
+    try:
+        yield
+    except DiffusionLabError as exc:
+        print(f"diffusion_lab: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, then sample with the final (EMA) weights and score the samples."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, metrics = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # a missing or corrupt data set stops the run here, before training
+    method = build_method(cfg, metrics)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted or not trainer.is_global_zero:
+        return None
+    results = final_evaluation(method, datamodule, cfg.final_samples, run_dir)
+    log.info("final metrics: %s", json.dumps(results))
+    for logger in trainer.loggers:
+        logger.log_metrics({f"final/{k}": v for k, v in results.items()}, step=trainer.global_step)
+        logger.finalize("success")
+    return next(iter(results.values()), None)
+
+
+def final_evaluation(method, datamodule, num_samples: int, run_dir: Path) -> dict[str, float]:
+    """Draw ``num_samples`` with the trained weights; save them and their scores."""
+    if num_samples <= 0:
+        return {}
+    samples, nfe = method.generate(num_samples)
+    torch.save(samples.cpu(), run_dir / "samples.pt")
+    save_samples_picture(samples[:256], run_dir / "samples.png")
+    results = {"nfe": float(nfe), "num_samples": float(num_samples)}
+    if method.evaluator is not None:
+        results = {**method.evaluator(samples, datamodule), **results}
+    (run_dir / "final_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Entry point; with -m, one call per multirun job."""
+    with one_line_errors():
+        try:
+            return train(cfg)
+        finally:
+            finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Close a W&B run after each (multirun) job, if one was opened."""
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
+
+
+if __name__ == "__main__":
+    main()
