@@ -255,6 +255,9 @@ class SplitDataModule(L.LightningDataModule):
         self.channels = check_int("channels", channels, 1)
         self.value_range = check_value_range(value_range)
         self._splits: dict[str, Dataset] | None = None
+        # One shuffle stream for the whole run, saved in checkpoints: a resumed run draws the
+        # same epoch permutations as an uninterrupted one.
+        self._shuffle_generator = seeded_generator(self.seed, "shuffle")
 
     def require_image_args(self) -> None:
         """For image sets: ``image_size`` must be set and ``channels`` be 1 or 3."""
@@ -289,11 +292,19 @@ class SplitDataModule(L.LightningDataModule):
             self.dataset(split),
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             shuffle=shuffle,
-            generator=seeded_generator(self.seed, "shuffle") if shuffle else None,
+            generator=self._shuffle_generator if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shuffle generator's state (Lightning stores it in checkpoints)."""
+        return {"shuffle_generator": self._shuffle_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Restore the shuffle stream of a resumed run."""
+        self._shuffle_generator.set_state(state_dict["shuffle_generator"])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled with a generator seeded from ``seed``: same seed, same batches."""

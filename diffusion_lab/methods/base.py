@@ -147,6 +147,14 @@ class DiffusionMethod(L.LightningModule):
             return (datamodule.channels,)
         return (datamodule.channels, datamodule.image_size, datamodule.image_size)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the global RNG state (noise and time draws), so resuming is exact."""
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(self.model.network.parameters())
         warmup = self.warmup_steps

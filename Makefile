@@ -1,0 +1,41 @@
+# diffusion_lab: the two commands are `make run` and `make test`.
+# On a CPU machine torch is pinned to the CPU build; GPU users: make install TORCH_SPEC=torch
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi),torch>=2.6,torch==2.13.0)
+ARGS ?=
+
+.PHONY: install run test test-all lint format experiments clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## train DDPM on the embedded digits, sample, evaluate (extra Hydra overrides: ARGS="...")
+	$(BIN)/python -m diffusion_lab.run $(ARGS)
+
+test: install  ## the default suite (< 10 minutes on 2 cores)
+	$(BIN)/python -m pytest -q
+
+test-all: install  ## everything, including tests marked slow
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
