@@ -112,13 +112,15 @@ def test_sliced_wasserstein_is_seeded() -> None:
 # --- digits classifier --------------------------------------------------------------------------
 
 
-def test_digits_split_rule() -> None:
-    images, labels = dc.load_digits_split("test", image_size=16)
-    assert images.shape == (180, 1, 16, 16) and labels.shape == (180,)
-    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
-    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
-    _, all_labels = dc.load_digits_split("all")
-    assert torch.equal(labels, all_labels[torch.argsort(perm)][perm[1617:]])
+def test_digits_splits_are_disjoint() -> None:
+    sizes = {"train": 1437, "val": 180, "test": 180}
+    images = {}
+    for split, n in sizes.items():
+        x, y = dc.load_digits_split(split, image_size=16)
+        assert x.shape == (n, 1, 16, 16) and y.shape == (n,)
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        images[split] = {tuple(row.tolist()) for row in dc.load_digits_split(split)[0].flatten(1)}
+    assert not images["train"] & images["test"] and not images["val"] & images["test"]
 
 
 @pytest.mark.parametrize("image_size", [8, 32])
@@ -193,8 +195,26 @@ def test_coverage_of_real_test_digits(classifier: dc.DigitsClassifier, tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_coverage_of_one_class(classifier: dc.DigitsClassifier) -> None:
-    images, labels = dc.load_digits_split("test", image_size=8)
-    result = class_coverage(images[labels == 3], classifier, confidence=0.5)
-    assert result["classes_present"] == 1 and result["counts"][3] == sum(result["counts"])
-    assert result["balance"] == pytest.approx(0.0, abs=1e-12)
+class FixedLogits(torch.nn.Module):
+    """A stand-in classifier returning preset logits, one row per sample in order."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[: len(x)]
+
+
+def test_coverage_counts_and_balance() -> None:
+    logits = torch.zeros(30, 10)
+    logits[:20, 3] = 10.0  # 20 confident threes; 10 uniform (p = 0.1, argmax 0)
+    result = class_coverage(torch.rand(30, 1, 8, 8), FixedLogits(logits), confidence=0.9)
+    assert result["counts"] == [0, 0, 0, 20, 0, 0, 0, 0, 0, 0]
+    assert result["counts_all"] == [10, 0, 0, 20, 0, 0, 0, 0, 0, 0]
+    assert result["confident_fraction"] == pytest.approx(2 / 3)
+    assert result["classes_present"] == 1 and result["balance"] == 0.0
+    logits = torch.eye(10).repeat(3, 1) * 10.0  # three confident samples of every class
+    result = class_coverage(torch.rand(30, 1, 8, 8), FixedLogits(logits), confidence=0.9)
+    assert result["classes_present"] == 10 and result["balance"] == pytest.approx(1.0)
+    assert result["histogram"] == pytest.approx([0.1] * 10)

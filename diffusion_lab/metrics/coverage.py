@@ -33,7 +33,7 @@ def class_coverage(
         classifier = get_digits_classifier()
     if samples.ndim != 4 or len(samples) == 0:
         raise ValueError(f"expected a non-empty batch (N, C, H, W), got {tuple(samples.shape)}")
-    device = next(classifier.parameters()).device
+    device = next(iter(classifier.state_dict().values()), torch.empty(0)).device
     probs = torch.cat(
         [classifier(b.to(device).float()).softmax(dim=1).cpu() for b in samples.split(batch_size)]
     )

@@ -2,14 +2,13 @@
 
 Protocol (written down once, see PITFALLS "Evaluation"):
 
-- data: ``sklearn.datasets.load_digits`` (bundled with scikit-learn, no download), values / 16 -> [0, 1];
-- split: ``torch.randperm(1797, generator=torch.Generator().manual_seed(seed))``; the first 1437
-  indices are train, the next 180 validation, the last 180 test (the data package uses the same rule);
-- any image size: 8x8 images are resized with bilinear antialiased ``F.interpolate``; the classifier
-  converts its input to grayscale and resizes it to a fixed internal 16x16 the same way, so one trained
-  net serves every image size;
-- training: seeded, light augmentation (random shifts by up to 1 px at 8x8 and random intermediate
-  sizes), weights cached as a ``state_dict`` and loaded with ``weights_only=True`` only.
+- data and split: ``diffusion_lab.data.digits.load_digits_arrays`` (``load_digits`` / 16 in [0, 1],
+  1437 train / 180 val / 180 test by a permutation seeded with ``seed``, default 0); the classifier
+  trains on the train split only, its accuracy is measured on the test split;
+- any image size: the classifier converts its input to grayscale and resizes it to a fixed 16x16
+  (bilinear, antialiased ``F.interpolate``), so one trained net serves every image size;
+- training: seeded, light augmentation (random shifts by up to 1 px at 8x8 and a random intermediate
+  size), weights cached as a ``state_dict`` and loaded with ``weights_only=True`` only.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ CACHE_NAME = "digits_classifier_v1.pt"
 INTERNAL_SIZE = 16
 NUM_CLASSES = 10
 NUM_FEATURES = 128
-SPLIT_SIZES = {"train": (0, 1437), "val": (1437, 1617), "test": (1617, 1797)}
 
 _LOADED: dict[tuple[str, str], DigitsClassifier] = {}
 
@@ -42,20 +40,14 @@ def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
 def load_digits_split(
     split: str = "train", image_size: int = 8, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, image_size, image_size) in [0, 1] and labels (N,) of one split of digits."""
-    from sklearn.datasets import load_digits
+    """Images (N, 1, image_size, image_size) in [0, 1] and labels (N,) of one split (or ``"all"``).
 
-    if split not in SPLIT_SIZES and split != "all":
-        raise ValueError(f"split must be one of {[*SPLIT_SIZES, 'all']}, got {split!r}")
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    if split != "all":
-        start, stop = SPLIT_SIZES[split]
-        perm = perm[start:stop]
-    images = resize_images(images[perm], image_size).clamp(0.0, 1.0)
-    return images, labels[perm]
+    The data package's own loader, so that the classifier's train/test split is the DataModule's for
+    the same seed; imported here only (it pulls in Lightning), a cached classifier never needs it.
+    """
+    from diffusion_lab.data.digits import load_digits_arrays
+
+    return load_digits_arrays(image_size, split, seed)
 
 
 class DigitsClassifier(nn.Module):
@@ -122,7 +114,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def train_digits_classifier(
-    seed: int = 0, epochs: int = 20, batch_size: int = 64, lr: float = 2e-3
+    seed: int = 0, epochs: int = 30, batch_size: int = 32, lr: float = 1.5e-3
 ) -> DigitsClassifier:
     """Train a classifier on the train split (deterministic for a seed); returns it in eval mode.
 
