@@ -49,7 +49,8 @@ def build_method(cfg: DictConfig, metrics: list[str]) -> DiffusionMethod:
         raise ConfigError(f"optimizer: {exc}") from None
     return instantiate(
         cfg.method,
-        _recursive_=False,  # the parts are built above; run_config is plain data
+        _recursive_=False,  # the parts are built above
+        _convert_="all",  # plain lists and dicts, so checkpoints load with weights_only=True
         network=network,
         process=instantiate(cfg.process),
         loss=instantiate(cfg.loss),

@@ -9,7 +9,7 @@ data set has none). Same ``seed``, same splits, crops and batch order.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffusion_lab.errors import ConfigError, DataError
 
@@ -220,6 +220,27 @@ class ImageFileDataset(Dataset):
         return to_float_images(img), self.labels[i]
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation that is a function of (seed, epoch) alone.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from an epoch-end
+    checkpoint draws exactly the permutations of an uninterrupted run.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        generator = seeded_generator(self.seed, "shuffle", self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+
 # ----------------------------------------------------------------------------- DataModules
 class SplitDataModule(L.LightningDataModule):
     """Base DataModule: three split data sets, seeded loaders and ``reference_samples``.
@@ -255,9 +276,6 @@ class SplitDataModule(L.LightningDataModule):
         self.channels = check_int("channels", channels, 1)
         self.value_range = check_value_range(value_range)
         self._splits: dict[str, Dataset] | None = None
-        # One shuffle stream for the whole run, saved in checkpoints: a resumed run draws the
-        # same epoch permutations as an uninterrupted one.
-        self._shuffle_generator = seeded_generator(self.seed, "shuffle")
 
     def require_image_args(self) -> None:
         """For image sets: ``image_size`` must be set and ``channels`` be 1 or 3."""
@@ -291,20 +309,13 @@ class SplitDataModule(L.LightningDataModule):
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=self._shuffle_generator if shuffle else None,
+            sampler=EpochShuffleSampler(len(self.dataset(split)), self.seed) if shuffle else None,
+            # its own generator for worker seeds: loading never draws from the global RNG
+            generator=seeded_generator(self.seed, "loader", split),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The shuffle generator's state (Lightning stores it in checkpoints)."""
-        return {"shuffle_generator": self._shuffle_generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Restore the shuffle stream of a resumed run."""
-        self._shuffle_generator.set_state(state_dict["shuffle_generator"])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled with a generator seeded from ``seed``: same seed, same batches."""

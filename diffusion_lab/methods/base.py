@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from diffusion_lab.callbacks.checkpoint import LastCheckpoint
 from diffusion_lab.errors import ConfigError, TrainingDivergedError
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import SampleResult
@@ -102,8 +103,9 @@ class DiffusionMethod(L.LightningModule):
         return loss
 
     def _last_checkpoint_hint(self) -> str:
-        callback = getattr(self.trainer, "checkpoint_callback", None)
-        return getattr(callback, "last_model_path", "") or "none written yet"
+        paths = [cb.last_path for cb in self.trainer.callbacks if isinstance(cb, LastCheckpoint)]
+        existing = [str(p) for p in paths if p.is_file()]
+        return existing[0] if existing else "none written yet"
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = self.to_model_range(batch[0] if isinstance(batch, (list, tuple)) else batch)
