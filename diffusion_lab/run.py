@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-import torch
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.build import build_datamodule, build_method, build_trainer, resolve_checkpoint
@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted or not trainer.is_global_zero:
         return None
     results = final_evaluation(method, datamodule, cfg.final_samples, run_dir)

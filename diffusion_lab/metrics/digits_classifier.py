@@ -8,7 +8,11 @@ Protocol (written down once, see PITFALLS "Evaluation"):
 - any image size: the classifier converts its input to grayscale and resizes it to a fixed 16x16
   (bilinear, antialiased ``F.interpolate``), so one trained net serves every image size;
 - training: seeded, light augmentation (random shifts by up to 1 px at 8x8 and a random intermediate
-  size), weights cached as a ``state_dict`` and loaded with ``weights_only=True`` only.
+  size), and outlier exposure (Hendrycks et al. 2019): every batch also holds as many non-digit
+  images (uniform and Gaussian noise, blurred noise, pixel-shuffled digits)
+  trained towards the uniform distribution, so that "confidence >= 0.9" means a digit and not
+  just any image (without it, 57% of uniform-noise images were labelled with confidence >= 0.9);
+  weights cached as a ``state_dict`` and loaded with ``weights_only=True`` only.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CACHE_NAME = "digits_classifier_v1.pt"
+CACHE_NAME = "digits_classifier_v2.pt"
 INTERNAL_SIZE = 16
 NUM_CLASSES = 10
 NUM_FEATURES = 128
@@ -102,6 +106,19 @@ def _augment(images8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return resize_images(resize_images(shifted, size), INTERNAL_SIZE)
 
 
+def _outliers(images8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Non-digit images at 8x8 in [0, 1], as many as ``images8``, for outlier exposure."""
+    n = len(images8)
+    kinds = torch.randint(0, 4, (n,), generator=generator)
+    uniform = torch.rand(images8.shape, generator=generator)
+    gauss = (0.5 + 0.35 * torch.randn(images8.shape, generator=generator)).clamp(0, 1)
+    blurred = F.avg_pool2d(F.pad(uniform, (1, 1, 1, 1), mode="reflect"), 3, 1)
+    order = torch.argsort(torch.rand(n, 64, generator=generator), dim=1)
+    shuffled = images8.flatten(1).gather(1, order).reshape(images8.shape)
+    choices = torch.stack([uniform, gauss, blurred, shuffled])
+    return choices[kinds, torch.arange(n)]
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of ``images`` that ``model`` classifies as ``labels``."""
@@ -132,22 +149,27 @@ def train_digits_classifier(
 def _train(seed: int, epochs: int, batch_size: int, lr: float) -> DigitsClassifier:
     images, labels = load_digits_split("train", image_size=8, seed=seed)
     generator = torch.Generator().manual_seed(seed)
+    # The global RNG is left as it was (dropout, init): training the classifier on first use
+    # must not change the draws of the run that asked for it (same seed, same samples).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitsClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(labels), generator=generator)
-        for idx in perm.split(batch_size):
-            x = _augment(images[idx], generator)
-            loss = F.cross_entropy(model.head(model.body(x)), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(labels), generator=generator)
+            for idx in perm.split(batch_size):
+                x = _augment(images[idx], generator)
+                outliers = resize_images(_outliers(images[idx], generator), INTERNAL_SIZE)
+                loss = F.cross_entropy(model.head(model.body(x)), labels[idx])
+                uniform_target = -F.log_softmax(model.head(model.body(outliers)), dim=1).mean()
+                loss = loss + 0.25 * uniform_target
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
     return _freeze(model)
 
 
@@ -158,7 +180,7 @@ def _freeze(model: DigitsClassifier) -> DigitsClassifier:
 
 
 def cache_path() -> Path:
-    """``${DIFFUSION_LAB_CACHE:-~/.cache/diffusion_lab}/digits_classifier_v1.pt``."""
+    """``${DIFFUSION_LAB_CACHE:-~/.cache/diffusion_lab}/digits_classifier_v2.pt``."""
     root = os.environ.get("DIFFUSION_LAB_CACHE") or os.path.join("~", ".cache", "diffusion_lab")
     return Path(root).expanduser() / CACHE_NAME
 

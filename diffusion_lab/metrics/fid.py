@@ -66,6 +66,9 @@ def _build(
     if feature not in FEATURES:
         raise ConfigError(f"metric feature must be one of {FEATURES}, got {feature!r}")
     cls = FrechetInceptionDistance if kind == "fid" else KernelInceptionDistance
+    # Scores are computed on the samples a process holds: no cross-process sync (under DDP the
+    # other ranks may have finished already).
+    kwargs = {"sync_on_compute": False, **kwargs}
     if feature in ("auto", "inception"):
         problem = _inception_weights(weights_path)
         if problem is None:
