@@ -34,7 +34,9 @@ def ddpm_chain(x0, betas, steps, generator):
     """x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z: Ho et al.'s forward chain, literally."""
     x = x0.clone()
     for beta in betas[:steps]:
-        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(
+            x.shape, generator=generator, dtype=x.dtype
+        )
     return x
 
 
@@ -106,8 +108,12 @@ def test_marginal_against_euler_maruyama_of_the_sde(process):
     for k in range(steps):
         t = torch.full((n,), k * dt, dtype=torch.float64)
         drift, diffusion = process.sde(x, t.float())
-        x = x + drift * dt + diffusion.double()[:, None] * math.sqrt(dt) * torch.randn(
-            x.shape, generator=g, dtype=torch.float64
+        x = (
+            x
+            + drift * dt
+            + diffusion.double()[:, None]
+            * math.sqrt(dt)
+            * torch.randn(x.shape, generator=g, dtype=torch.float64)
         )
     mean, std = process.marginal_prob(x0[:1].float(), torch.tensor([t_end]))
     assert abs(x.mean().item() - mean.item()) < 5 * std.item() / math.sqrt(n) + 2e-3

@@ -25,7 +25,9 @@ TARGET = GaussianMixture([[-3.0, 0.0], [3.0, 1.0], [0.0, -3.0]], [0.5, 0.7, 0.4]
 
 
 def sw(x, y, seed=0):
-    return sliced_wasserstein(x, y, n_projections=256, generator=torch.Generator().manual_seed(seed))
+    return sliced_wasserstein(
+        x, y, n_projections=256, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +97,44 @@ def test_ddim_eta0_is_deterministic():
     process = VPSDE()
     score = TARGET.score_fn(process)
     x_init = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
-    a = ddim(score, process, x_init, steps=20, generator=torch.Generator().manual_seed(1), progress=False)
-    b = ddim(score, process, x_init, steps=20, generator=torch.Generator().manual_seed(2), progress=False)
+    a = ddim(
+        score, process, x_init, steps=20, generator=torch.Generator().manual_seed(1), progress=False
+    )
+    b = ddim(
+        score, process, x_init, steps=20, generator=torch.Generator().manual_seed(2), progress=False
+    )
     assert torch.equal(a.samples, b.samples)
-    c = ddim(score, process, x_init, steps=20, eta=1.0, generator=torch.Generator().manual_seed(1), progress=False)
+    c = ddim(
+        score,
+        process,
+        x_init,
+        steps=20,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+    )
     assert not torch.equal(a.samples, c.samples)
 
 
 def test_same_seed_same_samples():
     process = VPSDE()
     score = TARGET.score_fn(process)
-    a = ancestral(score, process, (32, 2), steps=50, generator=torch.Generator().manual_seed(5), progress=False)
-    b = ancestral(score, process, (32, 2), steps=50, generator=torch.Generator().manual_seed(5), progress=False)
+    a = ancestral(
+        score,
+        process,
+        (32, 2),
+        steps=50,
+        generator=torch.Generator().manual_seed(5),
+        progress=False,
+    )
+    b = ancestral(
+        score,
+        process,
+        (32, 2),
+        steps=50,
+        generator=torch.Generator().manual_seed(5),
+        progress=False,
+    )
     assert torch.equal(a.samples, b.samples)
 
 
@@ -138,8 +166,13 @@ def test_trajectory_and_callback():
     process = VPSDE()
     seen = []
     result = ddim(
-        TARGET.score_fn(process), process, (8, 2), steps=5, callback=seen.append,
-        return_trajectory=True, progress=False,
+        TARGET.score_fn(process),
+        process,
+        (8, 2),
+        steps=5,
+        callback=seen.append,
+        return_trajectory=True,
+        progress=False,
     )
     assert len(seen) == 5 and len(result.trajectory) == 5
     assert torch.equal(result.trajectory[-1], result.samples)
