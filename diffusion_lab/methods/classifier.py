@@ -1,0 +1,143 @@
+"""Training a time-dependent classifier p_t(y | x(t)) for class-conditional sampling.
+
+Khungurn sec. 7.4.1: from a labelled example (x(0), y), draw t ~ U(eps, 1) and x(t) ~ p_t(x(t) |
+x(0)) = N(alpha(t) x(0), sigma(t)^2 I) by the forward process, and minimise the cross-entropy of y
+given (x(t), t): a mixture of cross-entropies over time (Song et al. 2021 App. I.1). The trained
+classifier drives ``samplers.conditional.guided_score``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_lab.errors import ConfigError, TrainingDivergedError
+from diffusion_lab.methods.base import DiffusionMethod
+from diffusion_lab.processes.sde import SDE
+from diffusion_lab.utils import batch_time
+
+
+class TimeDependentClassifier(nn.Module):
+    """A classifier network plus the process that says what its time input means.
+
+    ``forward(x, t) -> logits``, the network called as ``network(x, process.noise_label(t))``
+    (as ``ScoreModel`` calls a score network), so that it pairs with a score model of the same
+    process; a ``classifier(x, t)`` callable for ``guided_score``.
+    """
+
+    def __init__(self, network: nn.Module, process: SDE) -> None:
+        super().__init__()
+        self.network = network
+        self.process = process
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = batch_time(t, x.shape[0], x.device)
+        return self.network(x, self.process.noise_label(t).to(x.dtype))
+
+
+class NoisyClassifierMethod(L.LightningModule):
+    """Cross-entropy training of a noisy classifier on x(t) = alpha(t) x0 + sigma(t) z.
+
+    Same construction as ``DiffusionMethod`` (``build.build_method`` calls both alike): data map
+    from ``data_range`` to ``model_range`` (that of the score model it will guide); the optimiser
+    partial with a linear warm-up over ``warmup_steps``. ``loss``, ``sampler`` and ``evaluator``,
+    which ``build_method`` passes to every method, are accepted and ignored: a classifier has no
+    sampler, and its metrics are its own (``train/acc``, ``val/acc`` over t ~ U(eps, 1), and
+    ``val/acc_low_noise`` at t = eps). Set ``final_samples: 0`` in the run config, as the
+    experiment ``noisy_classifier_digits`` does, since there is nothing to sample.
+
+    Validation draws its times and noise from a generator seeded by ``sample_seed`` and the batch
+    index: the metrics are comparable between validations and the global RNG (training's stream,
+    saved in checkpoints for exact resumes) is left alone.
+    """
+
+    # The range maps, optimiser, checkpointed RNG state and divergence hint are DiffusionMethod's:
+    # they only read the attributes set in __init__ (and ``self.model.network``).
+    to_model_range = DiffusionMethod.to_model_range
+    to_data_range = DiffusionMethod.to_data_range
+    configure_optimizers = DiffusionMethod.configure_optimizers
+    on_save_checkpoint = DiffusionMethod.on_save_checkpoint
+    on_load_checkpoint = DiffusionMethod.on_load_checkpoint
+    _last_checkpoint_hint = DiffusionMethod._last_checkpoint_hint
+
+    def __init__(
+        self,
+        network: nn.Module,
+        process: SDE,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        data_range: Sequence[float] | None = (0.0, 1.0),
+        model_range: Sequence[float] | None = (-1.0, 1.0),
+        eps: float = 1e-5,
+        warmup_steps: int = 0,
+        sample_seed: int = 0,
+        run_config: dict | None = None,
+        loss: Any = None,
+        sampler: Any = None,
+        evaluator: Any = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < eps < 1.0:
+            raise ConfigError(f"method.eps must lie in (0, 1), got {eps}")
+        if warmup_steps < 0:
+            raise ConfigError(f"method.warmup_steps must be >= 0, got {warmup_steps}")
+        if (data_range is None) != (model_range is None):
+            raise ConfigError("give both data_range and model_range, or neither (for raw points)")
+        self.save_hyperparameters({"run_config": run_config or {}})
+        self.model = TimeDependentClassifier(network, process)
+        self.process = process
+        self.optimizer_factory = optimizer
+        self.data_range = tuple(data_range) if data_range is not None else None
+        self.model_range = tuple(model_range) if model_range is not None else None
+        self.eps = eps
+        self.warmup_steps = warmup_steps
+        self.sample_seed = sample_seed
+
+    def classifier_fn(self) -> TimeDependentClassifier:
+        """The ``classifier(x, t) -> logits`` callable (x in model range) for ``guided_score``."""
+        return self.model
+
+    def noisy_loss(
+        self,
+        batch: Any,
+        generator: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and accuracy on x(t), t ~ U(eps, 1) unless given."""
+        x0, labels = batch
+        x0 = self.to_model_range(x0)
+        n = x0.shape[0]
+        if t is None:
+            u = torch.rand(n, generator=generator, device=x0.device, dtype=x0.dtype)
+            t = self.eps + (1.0 - self.eps) * u
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        logits = self.model(self.process.sample_marginal(x0, t, noise), t)
+        loss = F.cross_entropy(logits, labels)
+        return loss, (logits.argmax(1) == labels).float().mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, acc = self.noisy_loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss is {loss.item()} at step {self.global_step}: lower the learning rate; "
+                f"resume from the last good checkpoint ({self._last_checkpoint_hint()}) "
+                "with ckpt_path=last"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/acc", acc, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        device = batch[0].device
+        generator = torch.Generator(device=device).manual_seed(self.sample_seed + batch_idx)
+        loss, acc = self.noisy_loss(batch, generator)
+        low_t = torch.full((batch[0].shape[0],), self.eps, device=device)
+        _, acc_low = self.noisy_loss(batch, generator, low_t)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True)
+        self.log("val/acc", acc, on_epoch=True, sync_dist=True, prog_bar=True)
+        self.log("val/acc_low_noise", acc_low, on_epoch=True, sync_dist=True)
+        return loss
