@@ -11,7 +11,8 @@ same update with eps halved (pass ``step_lr = eps / 2`` to run the printed pseud
 
 Then, with ``denoise``, Tweedie's final step x + sigma_L^2 s(x, sigma_L) (``process.denoise``;
 PITFALLS: skipping it costs about 5 FID points). ``steps`` (default: every level) takes that
-many of the process's levels with the shared "trailing" spacing, always ending at sigma_L.
+many of the process's levels, evenly spread and always including sigma_1 and sigma_L (the
+shared ``level_grid`` with "linspace" spacing).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _annealed_loop(
         raise ConfigError(f"sampler.n_steps_each must be >= 1, got {n_steps_each}")
     if step_lr <= 0:
         raise ConfigError(f"sampler.step_lr must be > 0, got {step_lr}")
-    times = level_grid(process, steps)
+    times = level_grid(process, steps, "linspace")
     sigmas = process.marginal_coefficients(times)[1].tolist()
     sigma_last = sigmas[-1]
     trajectory: list[torch.Tensor] | None = [] if return_trajectory else None
