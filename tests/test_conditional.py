@@ -176,8 +176,8 @@ def test_class_guidance_raises_requested_class_rate_on_digits():
     Score: the exact score of a Gaussian-mixture proxy of digits (one component of std 0.05 per
     training image, 30 per class, in [-1, 1]), so that the test is fast and its truth is known:
     a sample's class is that of its nearest component (the proxy's Bayes classifier at t = eps).
-    Unguided, each class has about 10% of the samples; guided toward class 3 with scale 2 the
-    rate must exceed 50% (measured: see the report in the assertion message).
+    Unguided, each class has about 10% of the samples (measured 9% for class 3); guided toward
+    class 3 with scale 2 the rate must exceed max(30%, 3x unguided) (measured 61%).
     """
     torch.manual_seed(0)
     process = VPSDE()
@@ -213,4 +213,4 @@ def test_class_guidance_raises_requested_class_rate_on_digits():
     guided = requested_rate(
         guided_score(image_score(proxy, process), method.classifier_fn(), 3, scale=2.0)
     )
-    assert guided > max(0.5, 2 * base), f"class-3 rate {base:.2f} unguided, {guided:.2f} guided"
+    assert guided > max(0.3, 3 * base), f"class-3 rate {base:.2f} unguided, {guided:.2f} guided"
