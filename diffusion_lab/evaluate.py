@@ -42,10 +42,15 @@ class SampleEvaluator:
         self.metrics = list(metrics)
         self.num_reference = num_reference
         self.seed = seed
-        if any(m.endswith("_digits") or m == "class_coverage" for m in self.metrics):
+        self.prepare(self.metrics)
+
+    @staticmethod
+    def prepare(metrics: Sequence[str]) -> None:
+        """Load (or train and cache) what the metrics need, now rather than mid-training."""
+        if any(m.endswith("_digits") or m == "class_coverage" for m in metrics):
             from diffusion_lab.metrics.digits_classifier import get_digits_classifier
 
-            get_digits_classifier()  # trained (or loaded) now, not inside a validation loop
+            get_digits_classifier()
 
     def __call__(self, samples: torch.Tensor, datamodule) -> dict[str, float]:
         samples = samples.detach().float().cpu()

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion_lab.build import build_datamodule, build_method, build_trainer, resolve_checkpoint
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.errors import DiffusionLabError
+from diffusion_lab.evaluate import SampleEvaluator
 
 log = logging.getLogger("diffusion_lab")
 
@@ -63,8 +64,9 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, then sample with the final (EMA) weights and score the samples."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
     datamodule, metrics = build_datamodule(cfg)
+    SampleEvaluator.prepare(metrics)  # e.g. train the digits classifier, before the seed is set
+    L.seed_everything(cfg.seed, workers=True)
     datamodule.prepare_data()
     datamodule.setup("fit")  # a missing or corrupt data set stops the run here, before training
     method = build_method(cfg, metrics)
@@ -79,6 +81,11 @@ def train(cfg: DictConfig) -> float | None:
     log.info("final metrics: %s", json.dumps(results))
     for logger in trainer.loggers:
         logger.log_metrics({f"final/{k}": v for k, v in results.items()}, step=trainer.global_step)
+        log_image = getattr(logger, "log_image", None)  # W&B takes the pictures too
+        if callable(log_image):
+            pictures = [p for p in ("samples.png", "curves.png") if (run_dir / p).is_file()]
+            for picture in pictures:
+                log_image(key=f"final/{picture[:-4]}", images=[str(run_dir / picture)])
         logger.finalize("success")
     return next(iter(results.values()), None)
 

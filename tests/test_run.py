@@ -123,3 +123,29 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
     assert (tmp_path / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("logger, folder", [("wandb", "wandb"), ("tensorboard", "tensorboard")])
+def test_other_loggers_run_offline(tmp_path, logger, folder):
+    """W&B needs no account (offline mode when not logged in) and never prompts."""
+    env = {**os.environ, "WANDB_MODE": ""}  # let the project decide: offline, nobody logged in
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.run", *TINY, f"logger={logger}",
+         "trainer.max_steps=3", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / folder).is_dir()
+    assert (tmp_path / "logs" / "metrics.csv").is_file()
+
+
+def test_multirun_sweep_with_the_basic_launcher(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.run", "-m", *TINY, "trainer.max_steps=2",
+         "sampler.steps=2,3", f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    nfes = sorted(json.loads((tmp_path / str(k) / "final_metrics.json").read_text())["nfe"]
+                  for k in (0, 1))  # fmt: skip
+    assert nfes == [2, 3]

@@ -39,6 +39,10 @@ class MetricCurves(L.Callback):
         if trainer.is_global_zero:
             self.write()
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.write()
+
     def state_dict(self) -> dict:
         return {"history": {k: list(v) for k, v in self.history.items()}}
 
