@@ -24,10 +24,10 @@ run: install  ## train DDPM on the embedded digits, sample, evaluate (extra Hydr
 	$(BIN)/python -m diffusion_lab.run $(ARGS)
 
 test: install  ## the default suite (< 10 minutes on 2 cores)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-all: install  ## everything, including tests marked slow
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "slow or not slow"
 
 lint: install
 	$(BIN)/ruff check .

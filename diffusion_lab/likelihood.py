@@ -91,7 +91,7 @@ def velocity_and_divergence(
     flow = process.reverse(score, probability_flow=True)
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
-        v = flow.sde(x, batch_time(t, x.shape[0], x.device))[0]
+        v = flow.sde(x, batch_time(t, x.shape[0], x.device, x.dtype))[0]
         if probe is not None:
             (vjp,) = torch.autograd.grad(v, x, grad_outputs=probe)
             div = (vjp * probe).flatten(1).sum(1)

@@ -17,7 +17,12 @@ def append_dims(value: torch.Tensor | float, ndim: int) -> torch.Tensor:
     return value.reshape(value.shape + (1,) * (ndim - value.ndim))
 
 
-def batch_time(t: torch.Tensor | float, batch_size: int, device: torch.device) -> torch.Tensor:
+def batch_time(
+    t: torch.Tensor | float,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """A time (scalar or (B,)) as a float tensor of shape (B,) on ``device``."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    t = torch.as_tensor(t, dtype=dtype, device=device)
     return t.expand(batch_size).clone() if t.ndim == 0 else t

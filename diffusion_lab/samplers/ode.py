@@ -68,7 +68,7 @@ def solve_probability_flow(
     flow = process.reverse(score, probability_flow=True)
 
     def velocity(t: float, state: torch.Tensor) -> torch.Tensor:
-        return flow.sde(state, batch_time(t, state.shape[0], state.device))[0]
+        return flow.sde(state, batch_time(t, state.shape[0], state.device, state.dtype))[0]
 
     return integrate(velocity, x, t_start, t_end, rtol, atol, method)
 
