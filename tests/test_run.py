@@ -23,7 +23,7 @@ TINY = [
 ]
 
 
-def run(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(run_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "diffusion_lab.run", *overrides, f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
