@@ -8,7 +8,7 @@ time grid and final denoising step):
 
 - as a score transform, for any sampler: :func:`guided_score` (class-conditional sampling with a
   time-dependent classifier, sec. 7.4.1);
-- as a projection after each predictor and corrector step, :func:`projected_predictor_corrector`
+- as a projection after each predictor and corrector step, :func:`samplers.pc.predictor_corrector` (its ``project`` hook)
   (Score SDE's ``get_pc_inpainter`` / ``get_pc_colorizer``): :func:`inpaint` (sec. 7.4.2),
   :func:`colorize` (sec. 7.4.3) and :func:`solve_linear_inverse_problem` (sec. 7.4.4).
 
@@ -28,22 +28,15 @@ import torch.nn.functional as F
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.sde import SDE, ScoreFn
 from diffusion_lab.samplers.base import (
-    CountingScore,
     SampleResult,
     StepCallback,
-    continuous_grid,
-    final_denoise,
     gaussian_like,
-    report,
-    step_pairs,
 )
-from diffusion_lab.samplers.langevin import langevin_corrector
-from diffusion_lab.samplers.pc import CORRECTORS, PREDICTORS
+from diffusion_lab.samplers.pc import predictor_corrector
 from diffusion_lab.utils import append_dims, batch_time
 
 Classifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``project(x, t, dt, generator)``: x at time t after a step of length dt -> conditioned x.
-Projection = Callable[[torch.Tensor, float, float, "torch.Generator | None"], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- class-conditional
@@ -84,58 +77,6 @@ def guided_score(
 
 # ------------------------------------------------------------------------- projected PC loop
 @torch.no_grad()
-def projected_predictor_corrector(
-    score_fn: ScoreFn,
-    process: SDE,
-    x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 1000,
-    callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
-    *,
-    project: Projection,
-    finalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    predictor: str = "reverse_diffusion",
-    corrector: str = "langevin",
-    snr: float = 0.16,
-    n_corrector_steps: int = 1,
-    eps: float = 1e-3,
-    denoise: bool = True,
-    return_trajectory: bool = False,
-    progress: bool = True,
-) -> SampleResult:
-    """``samplers.pc.predictor_corrector`` with ``project`` applied to the initial state and after
-    every corrector and predictor step (Song et al. 2021 App. I.2, their ``get_pc_inpainter``),
-    and ``finalize`` after the final denoising step (e.g. to restore observed pixels exactly).
-
-    ``x_or_shape`` is the initial state or a shape drawn from the prior (on the CPU; give a
-    tensor for another device). Options as ``predictor_corrector``.
-    """
-    if predictor not in PREDICTORS:
-        raise ConfigError(f"unknown predictor {predictor!r}: use one of {sorted(PREDICTORS)}")
-    if corrector not in CORRECTORS:
-        raise ConfigError(f"unknown corrector {corrector!r}: use one of {CORRECTORS}")
-    score = CountingScore(score_fn)
-    times = continuous_grid(steps, eps)
-    dt = (1.0 - eps) / steps
-    if isinstance(x_or_shape, torch.Tensor):
-        x = x_or_shape
-    else:
-        x = process.prior_sampling(tuple(x_or_shape), generator=generator)
-    x = project(x, 1.0, dt, generator)
-    trajectory = [] if return_trajectory else None
-    for k, t, t_next in step_pairs(times, progress, f"projected pc[{predictor}]"):
-        if corrector == "langevin":
-            x, _ = langevin_corrector(score, process, x, t, generator, snr, n_corrector_steps)
-            x = project(x, t, dt, generator)
-        x, mean = PREDICTORS[predictor](score, process, x, t, t_next, generator)
-        x = project(x, t_next, dt, generator)
-        report(callback, trajectory, x=x, t=t_next, step=k, mean=mean)
-    x = final_denoise(score, process, x, eps, denoise)
-    if finalize is not None:
-        x = finalize(x)
-    return SampleResult(x, score.nfe, trajectory or [])
-
-
 # -------------------------------------------------------------------------------- inpainting
 def replace_known(
     x: torch.Tensor,
@@ -169,11 +110,11 @@ def inpaint(
     After every predictor and corrector step at time t the known entries are replaced by
     alpha(t) y + sigma(t) z (fresh z each time), which approximates the conditional score by
     grad_z log p_t(z(t), hat Omega(x(t))); at the end they are set to y exactly. ``mask`` (true
-    = known) broadcasts against ``observed``. Options as ``projected_predictor_corrector``.
+    = known) broadcasts against ``observed``. Options as ``samplers.pc.predictor_corrector``.
     """
     mask = mask.to(torch.bool).expand_as(observed)
     x_init = process.prior_sampling(tuple(observed.shape), generator, observed.device)
-    return projected_predictor_corrector(
+    return predictor_corrector(
         score_fn,
         process,
         x_init,
@@ -238,7 +179,7 @@ def colorize(
         return couple(replace_known(decouple(x), observed, mask, process, t, g))
 
     x_init = process.prior_sampling(tuple(rgb.shape), generator, rgb.device)
-    return projected_predictor_corrector(
+    return predictor_corrector(
         score_fn,
         process,
         x_init,
@@ -353,7 +294,7 @@ def solve_linear_inverse_problem(
     step of variance gamma (the process's transition over one grid step) the likelihood term is
     taken implicitly, x <- argmin |x' - x|^2 / (2 gamma) - log p(hat y | x'), in closed form
     (``LinearMeasurement.project``). For nu = 0 and A a pixel mask this is exactly
-    :func:`inpaint`'s replacement. Options as ``projected_predictor_corrector``, except that the
+    :func:`inpaint`'s replacement. Options as ``samplers.pc.predictor_corrector``, except that the
     corrector defaults to none: the implicit step's gamma matches a predictor step, not a Langevin
     step (whose size the corrector sets itself), so with nu > 0 the Langevin corrector would
     weigh prior and likelihood wrongly and is refused (with nu = 0 the step is a projection, which
@@ -365,7 +306,7 @@ def solve_linear_inverse_problem(
             "solve_linear_inverse_problem: the Langevin corrector needs noise_std = 0; "
             "use corrector='none' for noisy measurements"
         )
-    return projected_predictor_corrector(
+    return predictor_corrector(
         score_fn,
         process,
         x_or_shape,

@@ -27,6 +27,7 @@ from diffusion_lab.samplers.base import (
 from diffusion_lab.samplers.langevin import langevin_corrector
 from diffusion_lab.utils import append_dims, batch_time
 
+Projection = Callable[[torch.Tensor, float, float, "torch.Generator | None"], torch.Tensor]
 Predictor = Callable[
     [CountingScore, SDE, torch.Tensor, float, float, "torch.Generator | None"],
     tuple[torch.Tensor, torch.Tensor],
@@ -86,25 +87,35 @@ def predictor_corrector(
     denoise: bool = True,
     return_trajectory: bool = False,
     progress: bool = True,
+    project: Projection | None = None,
+    finalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleResult:
     """Integrate the reverse SDE from t = 1 to ``eps`` in ``steps`` steps, then Tweedie-denoise.
 
     With ``corrector="none"`` this is a plain reverse-SDE solver (Euler-Maruyama, reverse
-    diffusion or ancestral); with ``predictor="none"`` a corrector-only sampler.
+    diffusion or ancestral); with ``predictor="none"`` a corrector-only sampler. For controllable
+    generation (``samplers.conditional``), ``project(x, t, dt, generator)`` is applied to the
+    initial state and after every corrector and predictor step (Song et al. 2021 App. I.2, their
+    ``get_pc_inpainter``), and ``finalize(x)`` after the final denoising step.
     """
     if predictor not in PREDICTORS:
         raise ConfigError(f"unknown predictor {predictor!r}: use one of {sorted(PREDICTORS)}")
     if corrector not in CORRECTORS:
         raise ConfigError(f"unknown corrector {corrector!r}: use one of {CORRECTORS}")
     score = CountingScore(score_fn)
-    x = initial_state(process, x_or_shape, generator)
+    dt = (1.0 - eps) / steps
+    project = project or (lambda x, t, dt, generator: x)
+    x = project(initial_state(process, x_or_shape, generator), 1.0, dt, generator)
     trajectory = [] if return_trajectory else None
     for k, t, t_next in step_pairs(continuous_grid(steps, eps), progress, f"pc[{predictor}]"):
         if corrector == "langevin":
             x, _ = langevin_corrector(score, process, x, t, generator, snr, n_corrector_steps)
+            x = project(x, t, dt, generator)
         x, mean = PREDICTORS[predictor](score, process, x, t, t_next, generator)
+        x = project(x, t_next, dt, generator)
         report(callback, trajectory, x=x, t=t_next, step=k, mean=mean)
-    return SampleResult(final_denoise(score, process, x, eps, denoise), score.nfe, trajectory or [])
+    x = final_denoise(score, process, x, eps, denoise)
+    return SampleResult(finalize(x) if finalize else x, score.nfe, trajectory or [])
 
 
 def euler_maruyama(score_fn: ScoreFn, process: SDE, x_or_shape, steps: int = 1000, **options):
