@@ -15,7 +15,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def offline_overrides(name: str) -> list[str]:
     for line in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines():
         if line.startswith("# offline:"):
-            return line.removeprefix("# offline:").split()
+            return line.removeprefix("# offline:").split("(")[0].split()
     raise AssertionError(f"experiment {name} has no '# offline:' line")
 
 
