@@ -29,15 +29,6 @@ from diffusion_lab.samplers.conditional import (
 from diffusion_lab.samplers.pc import predictor_corrector
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is much faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def image_score(mixture: GaussianMixture, process):
     """The mixture's exact score on flattened images, reshaped back."""
     flat = mixture.score_fn(process)

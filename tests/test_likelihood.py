@@ -26,15 +26,6 @@ from diffusion_lab.samplers.ode import decode, encode
 DIM = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is much faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROCESSES = {"vp": VPSDE, "ve": VESDE, "subvp": SubVPSDE}
 
 

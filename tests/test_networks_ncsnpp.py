@@ -36,15 +36,6 @@ PAPER_COUNTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one intra-op thread avoids OpenMP contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_preset(name: str, channels: int, image_size: int) -> torch.nn.Module:
     """Instantiate ``conf/network/<name>.yaml`` as Hydra would, with a stand-in ``data`` group."""
     cfg = OmegaConf.create(
