@@ -49,13 +49,13 @@ CASES = {
     "ddim_50": (ddim, VPSDE, {"steps": 50}),
     "ddim_eta1_100": (ddim, VPSDE, {"steps": 100, "eta": 1.0}),
     "ve_ancestral": (ancestral, VESDE, {"steps": 500}),
-    "ve_reverse_diffusion": (reverse_diffusion, VESDE, {"steps": 500}),
     "vp_euler_maruyama": (euler_maruyama, VPSDE, {"steps": 500}),
-    "subvp_pc": (predictor_corrector, SubVPSDE, {"steps": 300, "snr": 0.16}),
-    "ve_pc": (predictor_corrector, VESDE, {"steps": 300, "snr": 0.16}),
-    "vp_ode": (probability_flow, VPSDE, {"rtol": 1e-4, "atol": 1e-4}),
-    "ve_ode": (probability_flow, VESDE, {"rtol": 1e-4, "atol": 1e-4}),
 }
+# Under each SDE: the reverse SDE (reverse diffusion), predictor-corrector and probability flow.
+for _name, _cls in (("ve", VESDE), ("vp", VPSDE), ("subvp", SubVPSDE)):
+    CASES[f"{_name}_reverse_diffusion"] = (reverse_diffusion, _cls, {"steps": 500})
+    CASES[f"{_name}_pc"] = (predictor_corrector, _cls, {"steps": 300, "snr": 0.16})
+    CASES[f"{_name}_ode"] = (probability_flow, _cls, {"rtol": 1e-4, "atol": 1e-4})
 
 
 def make_process(cls):
