@@ -27,7 +27,9 @@ class DiffusionMethod(L.LightningModule):
     ``model_range`` (DDPM trains on [-1, 1]); ``None`` leaves them as they are (2-D points).
     Optimiser: the given partial (Adam by default) with a linear learning-rate warm-up over
     ``warmup_steps`` (Ho et al. App. B: 5000 steps); gradient clipping is the Trainer's
-    ``gradient_clip_val``. At each validation the EMA weights (swapped in by the EMA callback) draw
+    ``gradient_clip_val``. ``dequantize`` adds uniform noise within each 8-bit bin to the training
+    data, x 255/256 + U/256 (NCSN's released code; PITFALLS). ``initial_state``: sampling starts
+    from the process prior, or from U[0, 1]^D in data range as NCSN and NCSNv2 do. At each validation the EMA weights (swapped in by the EMA callback) draw
     ``num_eval_samples`` samples, which ``evaluator`` scores against held-out data.
     """
 
@@ -44,6 +46,8 @@ class DiffusionMethod(L.LightningModule):
         warmup_steps: int = 0,
         num_eval_samples: int = 256,
         sample_seed: int = 0,
+        dequantize: bool = False,
+        initial_state: str = "prior",
         evaluator: Evaluator | None = None,
         run_config: dict | None = None,
     ) -> None:
@@ -52,6 +56,10 @@ class DiffusionMethod(L.LightningModule):
             raise ConfigError(f"method.warmup_steps must be >= 0, got {warmup_steps}")
         if num_eval_samples < 0:
             raise ConfigError(f"method.num_eval_samples must be >= 0, got {num_eval_samples}")
+        if initial_state not in ("prior", "uniform"):
+            raise ConfigError(
+                f"method.initial_state must be prior or uniform, got {initial_state!r}"
+            )
         if (data_range is None) != (model_range is None):
             raise ConfigError("give both data_range and model_range, or neither (for raw points)")
         # Only primitives are saved, so checkpoints load with weights_only=True (DESIGN.md).
@@ -66,6 +74,8 @@ class DiffusionMethod(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.num_eval_samples = num_eval_samples
         self.sample_seed = sample_seed
+        self.dequantize = dequantize
+        self.initial_state = initial_state
         self.evaluator = evaluator
         self.last_samples: torch.Tensor | None = None
         self.last_nfe: int | None = None
@@ -91,7 +101,10 @@ class DiffusionMethod(L.LightningModule):
         return self.model.score
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = self.to_model_range(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if self.dequantize:
+            x = x * 255 / 256 + torch.rand_like(x) / 256
+        x = self.to_model_range(x)
         loss = self.loss_fn(self.model, x)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
@@ -133,7 +146,12 @@ class DiffusionMethod(L.LightningModule):
         """
         shape = (num_samples, *(sample_shape or self.sample_shape()))
         generator = torch.Generator(device=self.device).manual_seed(self.sample_seed)
-        x_init = self.process.prior_sampling(shape, generator=generator, device=self.device)
+        if self.initial_state == "uniform":
+            uniform = torch.rand(shape, generator=generator, device=self.device)
+            lo, hi = self.data_range or (0.0, 1.0)
+            x_init = self.to_model_range(lo + (hi - lo) * uniform)
+        else:
+            x_init = self.process.prior_sampling(shape, generator=generator, device=self.device)
         was_training = self.training
         self.eval()
         result = self.sampler(
