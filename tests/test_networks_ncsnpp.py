@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from network_helpers import build_preset, n_params, perturb_zero_params
 
 from diffusion_lab.networks.layers import AttentionBlock, NetworkConfigError
 from diffusion_lab.networks.ncsnpp import NCSNpp
@@ -22,7 +20,6 @@ from diffusion_lab.networks.ncsnpp_layers import (
     fir_upsample_2d,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
 TINY = dict(base_channels=8, num_res_blocks=1, attn_resolutions=(), dropout=0.0)
 
 # Parameter counts measured for 3-channel 32x32 (64x64 for CelebA) inputs. Score SDE's code counts
@@ -34,30 +31,6 @@ PAPER_COUNTS = {
     "ddpmpp_cifar10": (3, 32, 61_804_419),
     "ncsnpp_celeba": (3, 64, 43_596_547),
 }
-
-
-def build_preset(name: str, channels: int, image_size: int) -> torch.nn.Module:
-    """Instantiate ``conf/network/<name>.yaml`` as Hydra would, with a stand-in ``data`` group."""
-    cfg = OmegaConf.create(
-        {
-            "data": {"channels": channels, "image_size": image_size},
-            "network": OmegaConf.load(CONF / f"{name}.yaml"),
-        }
-    )
-    return instantiate(cfg.network)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def perturb_zero_params(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give the zero-initialised parameters small random values (an 'after training' network)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 # ---------------------------------------------------------------- FIR resampling (upfirdn2d)

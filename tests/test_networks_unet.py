@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from network_helpers import build_preset, n_params, perturb_zero_params
 
 from diffusion_lab.networks import MLP, UNet
 from diffusion_lab.networks.layers import (
@@ -18,32 +16,7 @@ from diffusion_lab.networks.layers import (
     timestep_embedding,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
 SMALL = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
-
-
-def build_preset(name: str, channels: int, image_size: int | None) -> torch.nn.Module:
-    """Instantiate ``conf/network/<name>.yaml`` as Hydra would, with a stand-in ``data`` group."""
-    cfg = OmegaConf.create(
-        {
-            "data": {"channels": channels, "image_size": image_size},
-            "network": OmegaConf.load(CONF / f"{name}.yaml"),
-        }
-    )
-    return instantiate(cfg.network)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def perturb_zero_params(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give the zero-initialised parameters small random values (an 'after training' network)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 @pytest.mark.parametrize("size", [8, 16, 28, 32, 64])
