@@ -14,6 +14,7 @@ from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.errors import ConfigError, DiffusionLabError
 from diffusion_lab.evaluate import SampleEvaluator
 from diffusion_lab.methods.base import DiffusionMethod
+from diffusion_lab.samplers.base import check_sampler
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -40,21 +41,28 @@ def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, list[str]]
 
 
 def build_method(cfg: DictConfig, metrics: list[str]) -> DiffusionMethod:
-    """Process, network, loss, sampler and optimiser wired into the configured method."""
+    """Process, network, loss, sampler and optimiser wired into the configured method.
+
+    A sampler that cannot serve the process (a missing capability, steps out of range) stops
+    here, before any training.
+    """
     optimizer = instantiate(cfg.optimizer)
     network = instantiate(cfg.network)
     try:
         optimizer(network.parameters())
     except ValueError as exc:  # e.g. a negative learning rate
         raise ConfigError(f"optimizer: {exc}") from None
+    process = instantiate(cfg.process)
+    sampler = instantiate(cfg.sampler)
+    check_sampler(sampler, process)
     return instantiate(
         cfg.method,
         _recursive_=False,  # the parts are built above
         _convert_="all",  # plain lists and dicts, so checkpoints load with weights_only=True
         network=network,
-        process=instantiate(cfg.process),
+        process=process,
         loss=instantiate(cfg.loss),
-        sampler=instantiate(cfg.sampler),
+        sampler=sampler,
         optimizer=optimizer,
         evaluator=SampleEvaluator(metrics) if metrics else None,
         run_config=OmegaConf.to_container(cfg, resolve=True),

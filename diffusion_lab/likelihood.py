@@ -31,7 +31,7 @@ import torch
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.sde import SDE, ScoreFn
-from diffusion_lab.samplers.base import CountingScore
+from diffusion_lab.samplers.base import CountingModel
 from diffusion_lab.samplers.ode import integrate
 from diffusion_lab.utils import batch_time
 
@@ -134,7 +134,7 @@ def log_likelihood(
     copies = num_probes if divergence == "hutchinson" else 1
     xs = x.detach().repeat_interleave(copies, dim=0)
     probes = make_probe(xs, probe, generator) if divergence == "hutchinson" else None
-    score = CountingScore(score_fn)
+    score = CountingModel(score_fn, process)
     flat_dim = xs[0].numel()
 
     def rhs(t: float, state: torch.Tensor) -> torch.Tensor:

@@ -1,62 +1,125 @@
-"""Turn a network's output into a score, a noise prediction or a clean-image prediction."""
+"""A network plus the meaning of its output: the score, the noise and the clean-image estimate."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.sde import SDE
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.utils import append_dims, batch_time
 
-PARAMETERIZATIONS = ("eps", "score", "score_over_sigma")
+# (output, x, sigma) -> the quantity; sigma broadcast against x.
+Reading = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """How one parameterisation is read: as a score (``score``) or as a clean image (``x0``).
+
+    Exactly one of the two is given; the other quantity follows from the process (Tweedie's
+    formula for the SDEs, Daras et al. eq. 8 for any corruption). ``eps`` reads the noise
+    directly where the output gives it without arithmetic (else it is -sigma score).
+    """
+
+    score: Reading | None = None
+    x0: Reading | None = None
+    eps: Reading | None = None
+
+
+#: What a network's output means (the ``parameterization`` of a method):
+#:   eps: the noise z of x_t = alpha x_0 + sigma z (DDPM, Ho et al. eq. 14); score = -eps / sigma
+#:     (Khungurn sec. 7.1.2).
+#:   score: the score itself (NCSN, Khungurn sec. 5).
+#:   score_over_sigma: score = output / sigma (NCSNv2 Technique 3, Khungurn sec. 6.3).
+#:   x0: the clean image h(x_t, t) (Soft Diffusion, Daras et al. eq. 8).
+#:   x0_residual: the residual to it, h = phi(x_t, t) + x_t (Daras et al. eq. 10).
+OUTPUT_KINDS: dict[str, OutputKind] = {
+    "eps": OutputKind(score=lambda out, x, sigma: -out / sigma, eps=lambda out, x, sigma: out),
+    "score": OutputKind(score=lambda out, x, sigma: out),
+    "score_over_sigma": OutputKind(
+        score=lambda out, x, sigma: out / sigma, eps=lambda out, x, sigma: -out
+    ),
+    "x0": OutputKind(x0=lambda out, x, sigma: out),
+    "x0_residual": OutputKind(x0=lambda out, x, sigma: out + x),
+}
+PARAMETERIZATIONS = tuple(OUTPUT_KINDS)
 
 
 class ScoreModel(nn.Module):
-    """A network plus the meaning of its output under ``process``.
+    """``network`` read through ``parameterization`` under ``process``.
 
-    ``parameterization``:
-      - ``"eps"``: the network predicts the noise z of x_t = alpha x_0 + sigma z (DDPM, Ho et al.
-        eq. 14); score = -eps / sigma (Khungurn sec. 7.1.2).
-      - ``"score"``: the network output is the score itself (NCSN, Khungurn sec. 5).
-      - ``"score_over_sigma"``: score = output / sigma (NCSNv2 Technique 3, Khungurn sec. 6.3).
-    The network is called as ``network(x, process.noise_label(t))``.
+    The network is called as ``network(x, label)``; the label is ``process.noise_label(t)``, or
+    ``process.level_index(t)`` for networks with one embedding per level (those whose
+    ``conditioned_on`` attribute is ``"level_index"``, e.g. NCSN's conditional RefineNet). The
+    model is itself a ``score(x, t)`` callable for every sampler, and gives ``denoised(x, t)``.
     """
 
-    def __init__(self, network: nn.Module, process: SDE, parameterization: str = "eps") -> None:
+    def __init__(
+        self, network: nn.Module, process: ForwardProcess, parameterization: str = "eps"
+    ) -> None:
         super().__init__()
-        if parameterization not in PARAMETERIZATIONS:
+        if parameterization not in OUTPUT_KINDS:
             raise ConfigError(
                 f"unknown parameterization {parameterization!r}: use one of {PARAMETERIZATIONS}"
             )
         self.network = network
         self.process = process
         self.parameterization = parameterization
+        self.kind = OUTPUT_KINDS[parameterization]
+        levels = getattr(network, "num_levels", None)
+        if self._per_level and levels != len(process.level_times()):
+            raise ConfigError(
+                f"the network has {levels} level embeddings but the process has "
+                f"{len(process.level_times())} levels: set network.num_levels=${{process.num_steps}}"
+            )
+
+    @property
+    def _per_level(self) -> bool:
+        return getattr(self.network, "conditioned_on", "noise_label") == "level_index"
+
+    def label(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is conditioned on at times t (shape (B,))."""
+        if self._per_level:
+            return self.process.level_index(t)
+        return self.process.noise_label(t)
 
     def _output_and_sigma(
         self, x: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = batch_time(t, x.shape[0], x.device)
-        sigma = append_dims(self.process.marginal_coefficients(t)[1], x.ndim).to(x.dtype)
-        return self.network(x, self.process.noise_label(t).to(x.dtype)), sigma
+        sigma = append_dims(self.process.std(t), x.ndim).to(x.dtype)
+        label = self.label(t)
+        label = label.to(x.dtype) if label.is_floating_point() else label
+        return self.network(x, label), sigma, t
+
+    def _score(self, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor):
+        if self.kind.score is not None:
+            return self.kind.score(out, x, sigma)
+        return self.process.score_from_denoised(x, t, self.kind.x0(out, x, sigma))
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Estimated grad_x log p_t(x); a ``score(x, t)`` callable for every sampler."""
-        out, sigma = self._output_and_sigma(x, t)
-        if self.parameterization == "eps":
-            return -out / sigma
-        if self.parameterization == "score_over_sigma":
-            return out / sigma
-        return out
+        """Estimated grad_x log p_t(x)."""
+        out, sigma, t = self._output_and_sigma(x, t)
+        return self._score(out, x, sigma, t)
+
+    def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Estimated clean image E[x_0 | x_t = x] (for score outputs, Tweedie's formula
+        ``process.denoise``, which needs a process with an invertible mean)."""
+        out, sigma, t = self._output_and_sigma(x, t)
+        if self.kind.x0 is not None:
+            return self.kind.x0(out, x, sigma)
+        return self.process.denoise(x, t, self.kind.score(out, x, sigma))
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Estimated noise z = -sigma(t) score."""
-        out, sigma = self._output_and_sigma(x, t)
-        if self.parameterization == "eps":
-            return out
-        if self.parameterization == "score_over_sigma":
-            return -out
-        return -sigma * out
+        out, sigma, t = self._output_and_sigma(x, t)
+        if self.kind.eps is not None:
+            return self.kind.eps(out, x, sigma)
+        return -sigma * self._score(out, x, sigma, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.score(x, t)

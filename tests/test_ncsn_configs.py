@@ -8,6 +8,8 @@ from hydra import compose, initialize_config_dir
 
 from diffusion_lab.build import instantiate
 from diffusion_lab.networks.refinenet import RefineNet
+from diffusion_lab.processes.schedules import sigma_schedule
+from diffusion_lab.score_model import ScoreModel
 from diffusion_lab.processes.sde import VESDE
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -93,7 +95,9 @@ def test_the_schedule_is_one_override_and_reaches_the_network_table(schedule):
         ["+experiment=ncsn_mnist", *OFFLINE["ncsn_mnist"], f"process.schedule={schedule}"]
     )
     process, network = instantiate(cfg.process), instantiate(cfg.network)
-    assert network.level_index(process.sigmas.float()).tolist() == list(range(10))
+    torch.testing.assert_close(process.sigmas, sigma_schedule(schedule, 1.0, 0.01, 10))
+    model = ScoreModel(network, process, cfg.method.parameterization)
+    assert model.label(process.level_times().flip(0)).tolist() == list(range(10))
 
 
 @pytest.mark.parametrize("name", ["ncsn_cifar10", "ncsnv2_cifar10", "ncsnv2_celeba"])

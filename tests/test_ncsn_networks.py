@@ -7,6 +7,8 @@ from diffusion_lab.networks.layers import NetworkConfigError
 from diffusion_lab.networks.normalization import InstanceNormPlusPlus
 from diffusion_lab.networks.refinenet import RefineNet
 from diffusion_lab.processes.schedules import sigma_schedule
+from diffusion_lab.processes.sde import VESDE
+from diffusion_lab.score_model import ScoreModel
 
 
 def _direct_cin_pp(x, gamma, beta, alpha, eps=1e-5):
@@ -59,9 +61,9 @@ def test_unconditional_instance_norm_pp_matches_the_formula_and_keeps_channel_me
 @pytest.mark.parametrize("size", [8, 28, 32, 64])
 @pytest.mark.parametrize("conditional", [True, False])
 def test_refinenet_output_shapes(size, conditional):
-    net = RefineNet(3, ngf=4, conditional=conditional, num_levels=10, sigma_max=1.0, sigma_min=0.01)
+    net = RefineNet(3, ngf=4, conditional=conditional, num_levels=10)
     x = torch.rand(2, 3, size, size)
-    assert net(x, torch.tensor([1.0, 0.01])).shape == x.shape
+    assert net(x, torch.tensor([0, 9])).shape == x.shape
 
 
 def test_deeper_layout_with_two_subsamplings():
@@ -73,26 +75,32 @@ def test_deeper_layout_with_two_subsamplings():
 
 
 def test_level_index_is_the_nearest_level_of_the_table():
-    net = RefineNet(1, ngf=4, num_levels=10, sigma_max=1.0, sigma_min=0.01, schedule="cosine")
+    # The conditional RefineNet is given the level index; the model takes it from the process.
+    net = RefineNet(1, ngf=4, num_levels=10)
+    process = VESDE(sigma_max=1.0, sigma_min=0.01, num_steps=10, schedule="cosine")
+    model = ScoreModel(net, process, "score")
     table = sigma_schedule("cosine", 1.0, 0.01, 10)
-    assert net.level_index(table.float()).tolist() == list(range(10))
-    between = (table[3] * table[4]).sqrt() * torch.tensor([1.01, 0.99])  # just above / below
-    assert net.level_index(between.float()).tolist() == [3, 4]
+    times = 1 - torch.arange(10) / 9  # level i (0 = sigma_1) sits at t = 1 - i / (L - 1)
+    torch.testing.assert_close(process.std(times), table.float())
+    assert model.label(times).tolist() == list(range(10))
+    # sigma(t) is log-linear between levels, so the midpoint in t is the midpoint in log sigma
+    between = (times[3] + times[4]) / 2 + torch.tensor([1e-3, -1e-3])  # just above / below
+    sigma_mid = (table[3] * table[4]).sqrt().float()
+    assert bool((process.std(between)[0] > sigma_mid) & (process.std(between)[1] < sigma_mid))
+    assert model.label(between).tolist() == [3, 4]
 
 
 def test_conditioning_changes_the_output_only_in_the_conditional_network():
     x = torch.rand(2, 1, 8, 8)
     for conditional in (True, False):
         torch.manual_seed(0)
-        net = RefineNet(
-            1, ngf=4, conditional=conditional, num_levels=10, sigma_max=1.0, sigma_min=0.01
-        )
-        a, b = net(x, torch.full((2,), 1.0)), net(x, torch.full((2,), 0.01))
+        net = RefineNet(1, ngf=4, conditional=conditional, num_levels=10)
+        a, b = net(x, torch.full((2,), 0)), net(x, torch.full((2,), 9))
         assert torch.equal(a, b) is not conditional
 
 
 def test_bad_configurations_are_config_errors():
     with pytest.raises(NetworkConfigError):
-        RefineNet(1, ngf=4, conditional=True)  # no level table
+        RefineNet(1, ngf=4, conditional=True)  # no number of levels
     with pytest.raises(NetworkConfigError):
         RefineNet(1, ngf=4, channel_mult=(1, 2), dilations=(1, 1, 2), conditional=False)

@@ -11,7 +11,7 @@ from torch import nn
 
 from diffusion_lab.callbacks.checkpoint import LastCheckpoint
 from diffusion_lab.errors import ConfigError, TrainingDivergedError
-from diffusion_lab.processes.sde import SDE
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import SampleResult
 from diffusion_lab.score_model import ScoreModel
 
@@ -28,15 +28,19 @@ class DiffusionMethod(L.LightningModule):
     Optimiser: the given partial (Adam by default) with a linear learning-rate warm-up over
     ``warmup_steps`` (Ho et al. App. B: 5000 steps); gradient clipping is the Trainer's
     ``gradient_clip_val``. ``dequantize`` adds uniform noise within each 8-bit bin to the training
-    data, x 255/256 + U/256 (NCSN's released code; PITFALLS). ``initial_state``: sampling starts
-    from the process prior, or from U[0, 1]^D in data range as NCSN and NCSNv2 do. At each validation the EMA weights (swapped in by the EMA callback) draw
-    ``num_eval_samples`` samples, which ``evaluator`` scores against held-out data.
+    data, x 255/256 + U/256 (NCSN's released code; PITFALLS). Sampling starts from the process's
+    prior (``process.prior_sampling``: NCSN's U[0, 1]^D is the VE process's ``prior: uniform``)
+    and the sampler receives the model itself (``ScoreModel``: a score callable with
+    ``denoised``). A process that estimates something from the training data (``process.fit``)
+    is fitted once at the start of a fresh run and restored from checkpoints otherwise. At each
+    validation the EMA weights (swapped in by the EMA callback) draw ``num_eval_samples``
+    samples, which ``evaluator`` scores against held-out data.
     """
 
     def __init__(
         self,
         network: nn.Module,
-        process: SDE,
+        process: ForwardProcess,
         loss: Loss,
         sampler: Sampler,
         optimizer: Callable[..., torch.optim.Optimizer],
@@ -47,7 +51,6 @@ class DiffusionMethod(L.LightningModule):
         num_eval_samples: int = 256,
         sample_seed: int = 0,
         dequantize: bool = False,
-        initial_state: str = "prior",
         evaluator: Evaluator | None = None,
         run_config: dict | None = None,
     ) -> None:
@@ -56,10 +59,6 @@ class DiffusionMethod(L.LightningModule):
             raise ConfigError(f"method.warmup_steps must be >= 0, got {warmup_steps}")
         if num_eval_samples < 0:
             raise ConfigError(f"method.num_eval_samples must be >= 0, got {num_eval_samples}")
-        if initial_state not in ("prior", "uniform"):
-            raise ConfigError(
-                f"method.initial_state must be prior or uniform, got {initial_state!r}"
-            )
         if (data_range is None) != (model_range is None):
             raise ConfigError("give both data_range and model_range, or neither (for raw points)")
         # Only primitives are saved, so checkpoints load with weights_only=True (DESIGN.md).
@@ -75,7 +74,6 @@ class DiffusionMethod(L.LightningModule):
         self.num_eval_samples = num_eval_samples
         self.sample_seed = sample_seed
         self.dequantize = dequantize
-        self.initial_state = initial_state
         self.evaluator = evaluator
         self.last_samples: torch.Tensor | None = None
         self.last_nfe: int | None = None
@@ -96,9 +94,18 @@ class DiffusionMethod(L.LightningModule):
         return ((x - mlo) / (mhi - mlo) * (hi - lo) + lo).clamp(lo, hi)
 
     # ---------------------------------------------------------------- training
-    def score_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The learned ``score(x, t)`` in model range, for any sampler."""
-        return self.model.score
+    def score_fn(self) -> ScoreModel:
+        """The learned model in model range, for any sampler: ``score(x, t)`` when called, and
+        ``denoised(x, t)``."""
+        return self.model
+
+    def on_fit_start(self) -> None:
+        """Fit the process to the training data on a fresh run (a resumed one restored it)."""
+        if self.process.needs_fit and self.trainer.ckpt_path is None:
+            dataset = self.trainer.datamodule.dataset("train")
+            items = [dataset[i] for i in range(len(dataset))]
+            x = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
+            self.process.fit(self.to_model_range(x).to(self.device))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -146,17 +153,10 @@ class DiffusionMethod(L.LightningModule):
         """
         shape = (num_samples, *(sample_shape or self.sample_shape()))
         generator = torch.Generator(device=self.device).manual_seed(self.sample_seed)
-        if self.initial_state == "uniform":
-            uniform = torch.rand(shape, generator=generator, device=self.device)
-            lo, hi = self.data_range or (0.0, 1.0)
-            x_init = self.to_model_range(lo + (hi - lo) * uniform)
-        else:
-            x_init = self.process.prior_sampling(shape, generator=generator, device=self.device)
+        x_init = self.process.prior_sampling(shape, generator=generator, device=self.device)
         was_training = self.training
         self.eval()
-        result = self.sampler(
-            self.score_fn(), self.process, x_init, generator=generator, **sampler_options
-        )
+        result = self.sampler(self.model, self.process, x_init, generator=generator, **sampler_options)
         self.train(was_training)
         return self.to_data_range(result.samples), result.nfe
 

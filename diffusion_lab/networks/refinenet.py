@@ -14,12 +14,11 @@ a cascade of RefineNet blocks (Lin et al. 2017) from the deepest stage back up:
   upsampling, sum) and chained residual pooling (CRP) with 5x5 average pooling instead of max
   pooling, a norm before every convolution and pooling.
 
-Noise conditioning (NCSN, ``conditional=True``): the network gets sigma (shape (B,)), as every
-network here, and maps it to the index of the nearest level (in log sigma) of the fixed table
-``sigma_schedule(schedule, sigma_max, sigma_min, num_levels)``, index 0 = sigma_1 (the labels of
-the authors' code); the conv stack then uses that level's (gamma, beta, alpha) in every CIN++.
-NCSN is defined on its L levels only; between levels the nearest one is used. The presets take
-the table from the process config (``${process.*}``), so it always matches the training levels.
+Noise conditioning (NCSN, ``conditional=True``): the network is given the index of its noise
+level, 0 = sigma_1 (the labels of the authors' code), and uses that level's (gamma, beta, alpha)
+in every CIN++. It declares ``conditioned_on = "level_index"``, so that ``ScoreModel`` passes
+``process.level_index(t)`` (the nearest level; NCSN is defined on its L levels only): the
+network knows the number of levels, never the process or its sigma table.
 Output: the score s(x, sigma_i) itself (``parameterization: score``).
 
 NCSNv2 (``conditional=False``): the same stack with unconditional instance norm++, ignoring the
@@ -41,7 +40,6 @@ from torch import nn
 
 from diffusion_lab.networks.layers import NetworkConfigError
 from diffusion_lab.networks.normalization import InstanceNormPlusPlus
-from diffusion_lab.processes.schedules import sigma_schedule
 
 Level = torch.Tensor | None
 
@@ -188,7 +186,7 @@ class RefineNet(nn.Module):
 
     Output: the score s(x, sigma) with ``conditional=True`` (NCSN, ``parameterization: score``);
     s(x), to be divided by sigma, with ``conditional=False`` (NCSNv2, ``score_over_sigma``).
-    ``noise_label``: sigma, shape (B,).
+    ``noise_label``: the level index (long, shape (B,)) when conditional, else ignored.
 
     Args:
         in_channels: image channels C.
@@ -197,8 +195,8 @@ class RefineNet(nn.Module):
         dilations: per-stage dilation; 1 = subsample at the stage's start (not the first stage),
             > 1 = keep the size and dilate. Same length as ``channel_mult``.
         num_res_blocks: residual blocks per stage (2 in both papers).
-        conditional: CIN++ on the nearest level index (NCSN) or unconditional norm++ (NCSNv2).
-        num_levels, sigma_max, sigma_min, schedule: the level table for ``conditional``.
+        conditional: CIN++ on the level index (NCSN) or unconditional norm++ (NCSNv2).
+        num_levels: the number of levels L (one CIN++ embedding each), for ``conditional``.
         center_input: map inputs from [0, 1] to [-1, 1] first.
     """
 
@@ -211,9 +209,6 @@ class RefineNet(nn.Module):
         num_res_blocks: int = 2,
         conditional: bool = True,
         num_levels: int | None = None,
-        sigma_max: float | None = None,
-        sigma_min: float | None = None,
-        schedule: str = "geometric",
         center_input: bool = True,
     ) -> None:
         super().__init__()
@@ -225,14 +220,12 @@ class RefineNet(nn.Module):
             )
         num_classes = None
         if conditional:
-            if num_levels is None or sigma_max is None or sigma_min is None:
-                raise NetworkConfigError(
-                    "a conditional RefineNet needs num_levels, sigma_max, sigma_min"
-                )
-            table = sigma_schedule(schedule, sigma_max, sigma_min, num_levels)
-            self.register_buffer("log_sigmas", table.log().float(), persistent=False)
+            if num_levels is None or num_levels < 1:
+                raise NetworkConfigError("a conditional RefineNet needs num_levels >= 1")
             num_classes = num_levels
         self.conditional = conditional
+        self.num_levels = num_levels if conditional else None
+        self.conditioned_on = "level_index" if conditional else "noise_label"
         self.center_input = center_input
         channels = [ngf * m for m in channel_mult]
         self.begin_conv = conv3x3(in_channels, ngf)
@@ -254,13 +247,8 @@ class RefineNet(nn.Module):
         self.out_norm = InstanceNormPlusPlus(ngf, num_classes)
         self.end_conv = conv3x3(ngf, in_channels)
 
-    def level_index(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest level (in log sigma) of the table; 0 is sigma_1 = sigma_max."""
-        log_sigma = sigma.float().clamp_min(1e-20).log()
-        return (log_sigma[:, None] - self.log_sigmas[None, :]).abs().argmin(dim=1)
-
     def forward(self, x: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
-        y = self.level_index(noise_label) if self.conditional else None
+        y = noise_label.long() if self.conditional else None
         h = self.begin_conv(2 * x - 1 if self.center_input else x)
         skips = []
         for stage in self.stages:

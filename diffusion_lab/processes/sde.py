@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes import schedules
 from diffusion_lab.utils import append_dims
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PRIORS = ("gaussian", "uniform")
 
 
 def _interpolate(table: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,20 +67,16 @@ def _hermite_interpolate(
     return value, slope
 
 
-class SDE(abc.ABC):
-    """A linear forward SDE with Gaussian marginals on t in [0, 1].
+class SDE(ForwardProcess):
+    """A linear forward SDE with Gaussian marginals on t in [0, 1]: mean(x0, t) = alpha(t) x0.
 
     Subclasses give ``marginal_coefficients`` (alpha(t), sigma(t)), ``sde`` (f, g), the prior,
     the discrete level grid and the network's noise label; the rest is shared.
     """
 
+    provides = frozenset({"gaussian_sde"})
     #: Default variance of ``ancestral_step`` (DDPM's transition variance for VP; SMLD's posterior).
     ancestral_variance = "transition"
-
-    def __init__(self, num_steps: int) -> None:
-        if num_steps < 2:
-            raise ConfigError(f"process.num_steps must be at least 2, got {num_steps}")
-        self.num_steps = num_steps
 
     @abc.abstractmethod
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +90,13 @@ class SDE(abc.ABC):
     def prior_std(self) -> float:
         """Standard deviation of the Gaussian prior p_1 = N(0, prior_std^2 I)."""
 
-    @abc.abstractmethod
-    def level_times(self) -> torch.Tensor:
-        """The N discrete levels as increasing times in (0, 1] or [0, 1]."""
+    def mean(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """alpha(t) x0."""
+        return append_dims(self.marginal_coefficients(t)[0], x0.ndim) * x0
 
-    @abc.abstractmethod
-    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
-        """What a network is conditioned on at time t (DDPM step index or sigma)."""
+    def std(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma(t)."""
+        return self.marginal_coefficients(t)[1]
 
     def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean alpha(t) x0 and std sigma(t) (shape (B,)) of x(t) given x(0) = x0."""
@@ -227,9 +225,15 @@ class VESDE(SDE):
     g(t) = sigma(t) sqrt(2 log(sigma_max/sigma_min)). As in Score SDE, x(0) is taken to carry the
     smallest noise level already (p_0 = p_data convolved with N(0, sigma_min^2)), so the marginal
     std is sigma(t) and level i is NCSN's x + sigma_i z exactly.
+
+    ``prior``: sampling starts from N(0, sigma_max^2 I) (``"gaussian"``) or, as NCSN and NCSNv2
+    do, from the uniform distribution on ``prior_range``^D (``"uniform"``: U[0, 1]^D, their
+    data range).
     """
 
+    provides = SDE.provides | {"unit_mean"}
     ancestral_variance = "posterior"
+    native_conditioning = "sigma"
 
     def __init__(
         self,
@@ -237,8 +241,17 @@ class VESDE(SDE):
         sigma_max: float = 50.0,
         num_steps: int = 1000,
         schedule: str = "geometric",
+        prior: str = "gaussian",
+        prior_range: tuple[float, float] = (0.0, 1.0),
+        conditioning: str | None = None,
     ) -> None:
-        super().__init__(num_steps)
+        super().__init__(num_steps, conditioning)
+        if prior not in PRIORS:
+            raise ConfigError(f"process.prior must be one of {PRIORS}, got {prior!r}")
+        low, high = prior_range
+        if not low < high:
+            raise ConfigError(f"process.prior_range must be [low, high] with low < high, got {prior_range}")
+        self.prior, self.prior_range = prior, (float(low), float(high))
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         levels = schedules.sigma_schedule(schedule, sigma_max, sigma_min, num_steps)
         self._log_sigmas = levels.flip(0).log()  # increasing with t
@@ -263,10 +276,32 @@ class VESDE(SDE):
     def prior_std(self) -> float:
         return self.sigma_max
 
+    def prior_sampling(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """N(0, sigma_max^2 I), or U(prior_range)^D for ``prior="uniform"``."""
+        if self.prior == "gaussian":
+            return super().prior_sampling(shape, generator, device)
+        low, high = self.prior_range
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log density of the prior at z per example (-inf outside the uniform prior's box)."""
+        if self.prior == "gaussian":
+            return super().prior_logp(z)
+        low, high = self.prior_range
+        flat = z.flatten(1)
+        inside = ((flat >= low) & (flat <= high)).all(1)
+        logp = torch.full_like(flat[:, 0], -flat.shape[1] * math.log(high - low))
+        return torch.where(inside, logp, torch.full_like(logp, -math.inf))
+
     def level_times(self) -> torch.Tensor:
         return torch.linspace(0, 1, self.num_steps)
 
-    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+    def native_noise_label(self, t: torch.Tensor) -> torch.Tensor:
         """sigma(t): NCSN networks are conditioned on the noise level."""
         return self.marginal_coefficients(t)[1]
 
@@ -282,14 +317,17 @@ class VPSDE(SDE):
     stays within O(1/N) of Score SDE's beta_min + t (beta_max - beta_min).
     """
 
+    native_conditioning = "index"
+
     def __init__(
         self,
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         num_steps: int = 1000,
         schedule: str = "linear",
+        conditioning: str | None = None,
     ) -> None:
-        super().__init__(num_steps)
+        super().__init__(num_steps, conditioning)
         self.beta_min, self.beta_max = beta_min, beta_max
         self.discrete_betas = schedules.beta_schedule(schedule, num_steps, beta_min, beta_max)
         if not bool(((self.discrete_betas > 0) & (self.discrete_betas < 1)).all()):
@@ -316,7 +354,7 @@ class VPSDE(SDE):
     def level_times(self) -> torch.Tensor:
         return torch.arange(1, self.num_steps + 1, dtype=torch.float32) / self.num_steps
 
-    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+    def native_noise_label(self, t: torch.Tensor) -> torch.Tensor:
         """DDPM's 0-based step index i - 1 at t = i/N (continuous in between)."""
         return t * self.num_steps - 1
 

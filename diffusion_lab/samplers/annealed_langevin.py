@@ -22,9 +22,10 @@ from collections.abc import Callable
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.sde import SDE, ScoreFn
+from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
-    CountingScore,
+    CountingModel,
+    Model,
     SampleResult,
     StepCallback,
     final_denoise,
@@ -32,6 +33,7 @@ from diffusion_lab.samplers.base import (
     initial_state,
     level_grid,
     report,
+    sampler,
     step_pairs,
 )
 from diffusion_lab.samplers.langevin import langevin_step
@@ -43,7 +45,7 @@ LevelConstraint = Callable[[float], Callable[[torch.Tensor], torch.Tensor] | Non
 
 
 def _annealed_loop(
-    score: CountingScore,
+    score: CountingModel,
     process: SDE,
     x: torch.Tensor,
     steps: int | None,
@@ -78,9 +80,10 @@ def _annealed_loop(
     return x, float(times[-1]), trajectory or []
 
 
+@sampler(requires=("gaussian_sde", "unit_mean"), time_grid="levels")
 @torch.no_grad()
 def annealed_langevin(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
     steps: int | None = None,
@@ -98,7 +101,7 @@ def annealed_langevin(
     N(0, sigma_1^2 I). (NCSN and NCSNv2 start from U[0, 1]^D; pass such a tensor to match them.)
     The trajectory, if asked for, holds x after each level.
     """
-    score = CountingScore(score_fn)
+    score = CountingModel(model, process)
     x = initial_state(process, x_or_shape, generator)
     x, t_last, trajectory = _annealed_loop(
         score, process, x, steps, callback, generator, n_steps_each, step_lr,
@@ -107,9 +110,10 @@ def annealed_langevin(
     return SampleResult(final_denoise(score, process, x, t_last, denoise), score.nfe, trajectory)
 
 
+@sampler(requires=("gaussian_sde", "unit_mean"), time_grid="levels")
 @torch.no_grad()
 def annealed_langevin_inpaint(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     observed: torch.Tensor,
     mask: torch.Tensor,
@@ -136,7 +140,7 @@ def annealed_langevin_inpaint(
         y = observed + sigma * gaussian_like(observed, generator)
         return lambda x: torch.where(keep, y, x)
 
-    score = CountingScore(score_fn)
+    score = CountingModel(model, process)
     x = initial_state(process, tuple(observed.shape) if x_init is None else x_init, generator)
     x, t_last, trajectory = _annealed_loop(
         score, process, x, steps, callback, generator, n_steps_each, step_lr,

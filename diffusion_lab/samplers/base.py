@@ -1,12 +1,21 @@
-"""What every sampler shares: the result type, NFE counting, initial states and time grids.
+"""What every sampler shares: the result type, NFE counting, initial states, time grids and the
+build-time check of a sampler against its process.
 
-Samplers are plain functions with one signature (DESIGN.md): ``sampler(score_fn, process,
-x_or_shape, steps, callback=None, generator=None, **options) -> SampleResult``. A score function is
-any callable ``score(x, t)``; an analytic score and a trained network are interchangeable.
+Samplers are plain functions with one signature (DESIGN.md): ``sampler(model, process,
+x_or_shape, steps, callback=None, generator=None, **options) -> SampleResult``. The model is any
+callable ``score(x, t)``; a trained ``ScoreModel`` also gives ``denoised(x, t)``, and for a plain
+score function :class:`CountingModel` derives it by Tweedie's formula, so an analytic score and
+a trained network are interchangeable wherever a score is all a sampler needs.
+
+``steps`` means one thing for every sampler: the number of reverse-time steps, i.e. of levels
+or grid times visited (NFE per step is the sampler's: 1 for DDIM and ancestral, 1 + corrector
+steps for predictor-corrector, ``n_steps_each`` for annealed Langevin). Adaptive solvers choose
+their own steps and take ``steps=None``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -14,10 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.sde import SDE, ScoreFn
+from diffusion_lab.processes.base import CAPABILITIES, ForwardProcess
+from diffusion_lab.processes.sde import SDE
 from diffusion_lab.utils import batch_time
 
 StepCallback = Callable[[dict], None]
+#: A model: ``model(x, t) -> score``, optionally with ``model.denoised(x, t) -> x0_hat``.
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: How a sampler reads ``steps``: levels of the process, a continuous grid, or none (adaptive).
+TIME_GRIDS = ("levels", "continuous", "adaptive")
 
 
 @dataclass
@@ -29,21 +43,79 @@ class SampleResult:
     trajectory: list[torch.Tensor] = field(default_factory=list)
 
 
-class CountingScore:
-    """Wraps a score function and counts its (batched) evaluations: one call is one NFE."""
+class CountingModel:
+    """Wraps a model and counts its (batched) evaluations: one call is one NFE.
 
-    def __init__(self, score_fn: ScoreFn) -> None:
-        self.score_fn = score_fn
+    Calling it gives the score; :meth:`denoised` the clean-image estimate, the model's own when
+    it has one, else Tweedie's formula on the score (``process.denoise``).
+    """
+
+    def __init__(self, model: Model, process: ForwardProcess | None = None) -> None:
+        self.model = model
+        self.process = process
         self.nfe = 0
+
+    @staticmethod
+    def _batch(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        return t.expand(x.shape[0]) if t.ndim == 0 else t
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        return self.score_fn(x, t.expand(x.shape[0]) if t.ndim == 0 else t)
+        return self.model(x, self._batch(x, t))
+
+    def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """E[x_0 | x_t = x] from the model."""
+        t = self._batch(x, t)
+        own = getattr(self.model, "denoised", None)
+        if own is not None:
+            self.nfe += 1
+            return own(x, t)
+        return self.process.denoise(x, t, self(x, t))
+
+
+def sampler(
+    requires: Iterable[str] = ("gaussian_sde",), time_grid: str = "levels"
+) -> Callable[[Callable[..., SampleResult]], Callable[..., SampleResult]]:
+    """Mark a sampler with the process capabilities it needs and how it reads ``steps``
+    (``TIME_GRIDS``), for :func:`check_sampler`."""
+    unknown = set(requires) - set(CAPABILITIES)
+    if unknown or time_grid not in TIME_GRIDS:
+        raise ValueError(f"unknown capabilities {sorted(unknown)} or time grid {time_grid!r}")
+
+    def mark(fn: Callable[..., SampleResult]) -> Callable[..., SampleResult]:
+        fn.requires = frozenset(requires)  # type: ignore[attr-defined]
+        fn.time_grid = time_grid  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def check_sampler(sample: Callable[..., SampleResult], process: ForwardProcess) -> None:
+    """Stop with one line if ``sample`` (a sampler or a partial of one, as Hydra builds it)
+    cannot run on ``process``: a missing capability, or ``steps`` out of range."""
+    fn = sample.func if isinstance(sample, functools.partial) else sample
+    options = sample.keywords if isinstance(sample, functools.partial) else {}
+    name = getattr(fn, "__name__", repr(fn))
+    for capability in sorted(getattr(fn, "requires", frozenset()) - process.provides):
+        raise ConfigError(
+            f"sampler {name} needs a process that {CAPABILITIES[capability]}; "
+            f"{type(process).__name__} is not one: choose another sampler or process"
+        )
+    steps = options.get("steps")
+    grid = getattr(fn, "time_grid", None)
+    if grid == "adaptive" and steps is not None:
+        raise ConfigError(
+            f"sampler {name} chooses its own steps (set its rtol / atol): leave sampler.steps null"
+        )
+    if grid == "levels":
+        level_grid(process, steps, options.get("spacing", "trailing"))
+    if grid == "continuous":
+        continuous_grid(1000 if steps is None else steps, options.get("eps", 1e-3))
 
 
 def initial_state(
-    process: SDE,
+    process: ForwardProcess,
     x_or_shape: torch.Tensor | tuple[int, ...],
     generator: torch.Generator | None,
     device: torch.device | str | None = None,
@@ -62,7 +134,9 @@ def gaussian_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.T
 SPACINGS = ("trailing", "leading", "linspace")
 
 
-def level_grid(process: SDE, steps: int | None, spacing: str = "trailing") -> torch.Tensor:
+def level_grid(
+    process: ForwardProcess, steps: int | None, spacing: str = "trailing"
+) -> torch.Tensor:
     """Decreasing times at ``steps`` of the process's N levels, then 0 if not already there.
 
     ``"trailing"`` always starts at the noisiest level t = 1 and strides down (the spacing that
@@ -120,7 +194,7 @@ def report(
 
 
 def final_denoise(
-    score: CountingScore, process: SDE, x: torch.Tensor, t: float, denoise: bool
+    score: CountingModel, process: SDE, x: torch.Tensor, t: float, denoise: bool
 ) -> torch.Tensor:
     """Tweedie's final step x + sigma^2 s(x, sigma) (divided by alpha) if the last time still
     carries noise; skipping it costs about 5 FID points (PITFALLS, Sampling)."""

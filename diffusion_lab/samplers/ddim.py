@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.sde import SDE, ScoreFn
+from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
-    CountingScore,
+    CountingModel,
+    Model,
     SampleResult,
     StepCallback,
     final_denoise,
@@ -15,14 +16,16 @@ from diffusion_lab.samplers.base import (
     initial_state,
     level_grid,
     report,
+    sampler,
     step_pairs,
 )
 from diffusion_lab.utils import append_dims, batch_time
 
 
+@sampler(time_grid="levels")
 @torch.no_grad()
 def ddim(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
     steps: int | None = 50,
@@ -44,7 +47,7 @@ def ddim(
     """
     if eta < 0:
         raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
-    score = CountingScore(score_fn)
+    score = CountingModel(model, process)
     x = initial_state(process, x_or_shape, generator)
     times = level_grid(process, steps, spacing)
     trajectory = [] if return_trajectory else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.processes.sde import SDE
-from diffusion_lab.samplers.base import CountingScore, gaussian_like
+from diffusion_lab.samplers.base import CountingModel, gaussian_like
 from diffusion_lab.utils import append_dims, batch_time
 
 
@@ -22,7 +22,7 @@ def langevin_step(
 
 
 def langevin_corrector(
-    score: CountingScore,
+    score: CountingModel,
     process: SDE,
     x: torch.Tensor,
     t: float,

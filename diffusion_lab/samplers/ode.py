@@ -8,14 +8,16 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from diffusion_lab.processes.sde import SDE, ScoreFn
+from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
-    CountingScore,
+    CountingModel,
+    Model,
     SampleResult,
     StepCallback,
     final_denoise,
     initial_state,
     report,
+    sampler,
 )
 from diffusion_lab.utils import batch_time
 
@@ -55,7 +57,7 @@ def integrate(
 
 
 def solve_probability_flow(
-    score: CountingScore,
+    score: CountingModel,
     process: SDE,
     x: torch.Tensor,
     t_start: float,
@@ -73,9 +75,10 @@ def solve_probability_flow(
     return integrate(velocity, x, t_start, t_end, rtol, atol, method)
 
 
+@sampler(time_grid="adaptive")
 @torch.no_grad()
 def probability_flow(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
     steps: int | None = None,
@@ -91,10 +94,10 @@ def probability_flow(
 ) -> SampleResult:
     """Sample by solving the probability-flow ODE from t = 1 to eps with an adaptive solver.
 
-    ``steps`` is ignored (the solver picks its own; NFE is reported); rtol and atol set the
+    ``steps`` stays None: the solver picks its own (NFE is reported); rtol and atol set the
     trade-off. Note (PITFALLS): the VE SDE with this sampler is much worse than with the SDE one.
     """
-    score = CountingScore(score_fn)
+    score = CountingModel(model, process)
     x = initial_state(process, x_or_shape, generator)
     x = solve_probability_flow(score, process, x, 1.0, eps, rtol, atol, method)
     trajectory = [] if return_trajectory else None
@@ -104,7 +107,7 @@ def probability_flow(
 
 @torch.no_grad()
 def encode(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     x0: torch.Tensor,
     eps: float = 1e-5,
@@ -119,13 +122,13 @@ def encode(
     deterministic and invertible up to solver error: :func:`decode` inverts it.
     """
     return solve_probability_flow(
-        CountingScore(score_fn), process, x0, eps, 1.0, rtol, atol, method
+        CountingModel(model, process), process, x0, eps, 1.0, rtol, atol, method
     )
 
 
 @torch.no_grad()
 def decode(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     z: torch.Tensor,
     eps: float = 1e-5,
@@ -135,4 +138,4 @@ def decode(
 ) -> torch.Tensor:
     """x(eps) from a latent z = x(1): the probability flow backward in time, no final denoising
     step (so that ``decode(encode(x))`` returns x up to solver error)."""
-    return solve_probability_flow(CountingScore(score_fn), process, z, 1.0, eps, rtol, atol, method)
+    return solve_probability_flow(CountingModel(model, process), process, z, 1.0, eps, rtol, atol, method)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.sde import SDE, ScoreFn
+from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
-    CountingScore,
+    CountingModel,
+    Model,
     SampleResult,
     StepCallback,
     continuous_grid,
@@ -22,6 +23,7 @@ from diffusion_lab.samplers.base import (
     gaussian_like,
     initial_state,
     report,
+    sampler,
     step_pairs,
 )
 from diffusion_lab.samplers.langevin import langevin_corrector
@@ -29,7 +31,7 @@ from diffusion_lab.utils import append_dims, batch_time
 
 Projection = Callable[[torch.Tensor, float, float, "torch.Generator | None"], torch.Tensor]
 Predictor = Callable[
-    [CountingScore, SDE, torch.Tensor, float, float, "torch.Generator | None"],
+    [CountingModel, SDE, torch.Tensor, float, float, "torch.Generator | None"],
     tuple[torch.Tensor, torch.Tensor],
 ]
 
@@ -71,9 +73,10 @@ PREDICTORS: dict[str, Predictor] = {
 CORRECTORS = ("langevin", "none")
 
 
+@sampler(time_grid="continuous")
 @torch.no_grad()
 def predictor_corrector(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
     steps: int = 1000,
@@ -102,7 +105,7 @@ def predictor_corrector(
         raise ConfigError(f"unknown predictor {predictor!r}: use one of {sorted(PREDICTORS)}")
     if corrector not in CORRECTORS:
         raise ConfigError(f"unknown corrector {corrector!r}: use one of {CORRECTORS}")
-    score = CountingScore(score_fn)
+    score = CountingModel(model, process)
     dt = (1.0 - eps) / steps
     project = project or (lambda x, t, dt, generator: x)
     x = project(initial_state(process, x_or_shape, generator), 1.0, dt, generator)
@@ -118,10 +121,11 @@ def predictor_corrector(
     return SampleResult(finalize(x) if finalize else x, score.nfe, trajectory or [])
 
 
-def euler_maruyama(score_fn: ScoreFn, process: SDE, x_or_shape, steps: int = 1000, **options):
+@sampler(time_grid="continuous")
+def euler_maruyama(model: Model, process: SDE, x_or_shape, steps: int = 1000, **options):
     """Euler-Maruyama on the reverse SDE, no corrector."""
     return predictor_corrector(
-        score_fn,
+        model,
         process,
         x_or_shape,
         steps,
@@ -131,10 +135,11 @@ def euler_maruyama(score_fn: ScoreFn, process: SDE, x_or_shape, steps: int = 100
     )
 
 
-def reverse_diffusion(score_fn: ScoreFn, process: SDE, x_or_shape, steps: int = 1000, **options):
+@sampler(time_grid="continuous")
+def reverse_diffusion(model: Model, process: SDE, x_or_shape, steps: int = 1000, **options):
     """The reverse-diffusion predictor (Khungurn eq. 13), no corrector."""
     return predictor_corrector(
-        score_fn,
+        model,
         process,
         x_or_shape,
         steps,

@@ -1,0 +1,120 @@
+"""The forward-process contract every loss and sampler reads (DESIGN.md, "Contracts").
+
+A forward process corrupts clean data x_0 into x_t = mean(x_0, t) + std(t) z, z ~ N(0, I), on
+continuous time t in [0, 1] (t = 0 clean). The corrupted mean is whatever the family needs:
+alpha(t) x_0 for the SDEs (``processes.sde``), C_t x_0 for a linear corruption such as a blur
+or a mask (``processes.corruption``; Soft Diffusion, Daras et al. eq. 3), a precomputed table for
+a score embedding. Whatever only needs the noise level reads ``std(t)``.
+
+What a process offers beyond this contract is named in ``provides`` (see
+``samplers.base.check_sampler``), so that a sampler paired with a process it cannot serve stops
+when the run is built, not mid-training.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.utils import append_dims
+
+#: What a process can offer a sampler, and how a refusal explains it.
+CAPABILITIES = {
+    "gaussian_sde": "is a linear SDE with Gaussian marginals alpha(t) x0 + sigma(t) z (VE, VP, sub-VP)",
+    "unit_mean": "keeps the mean at x0 (alpha(t) = 1: a VE process)",
+}
+
+
+class ForwardProcess(nn.Module, abc.ABC):
+    """x_t = mean(x0, t) + std(t) z on t in [0, 1], with N discrete levels ``level_times()``.
+
+    A module so that what :meth:`fit` estimates from training data lives in buffers and travels
+    in checkpoints: sampling from a checkpoint then needs no data. ``conditioning`` chooses what
+    :meth:`noise_label` gives a network: the process's own label (``native_conditioning``: sigma
+    for VE, DDPM's step index for VP) or ``"time"``, t itself (needed where sigma does not
+    identify the level, e.g. during a blur stage of constant noise).
+    """
+
+    #: Capabilities (keys of ``CAPABILITIES``) that samplers may require.
+    provides: frozenset[str] = frozenset()
+    #: The label networks get by default.
+    native_conditioning = "time"
+
+    def __init__(self, num_steps: int, conditioning: str | None = None) -> None:
+        super().__init__()
+        if num_steps < 2:
+            raise ConfigError(f"process.num_steps must be at least 2, got {num_steps}")
+        conditioning = conditioning or self.native_conditioning
+        choices = sorted({self.native_conditioning, "time"})
+        if conditioning not in choices:
+            raise ConfigError(
+                f"process.conditioning must be one of {choices} for {type(self).__name__}, "
+                f"got {conditioning!r}"
+            )
+        self.num_steps = num_steps
+        self.conditioning = conditioning
+
+    @abc.abstractmethod
+    def mean(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The corrupted mean E[x_t | x_0 = x0], shaped like x0 (t of shape (B,))."""
+
+    @abc.abstractmethod
+    def std(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise level sigma(t), shape (B,)."""
+
+    @abc.abstractmethod
+    def prior_sampling(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """A draw from the distribution sampling starts from (t = 1)."""
+
+    @abc.abstractmethod
+    def level_times(self) -> torch.Tensor:
+        """The N discrete levels as increasing times in [0, 1]."""
+
+    def native_noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """The process's own network label at time t (t itself unless a subclass says otherwise)."""
+        return t
+
+    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """What a network is conditioned on at time t (``conditioning``)."""
+        return t if self.conditioning == "time" else self.native_noise_label(t)
+
+    def level_index(self, t: torch.Tensor) -> torch.Tensor:
+        """Index of the level nearest to t, counted from the noisiest (0 at t = 1).
+
+        The label of networks with one embedding per level (NCSN's CIN++ RefineNet: index 0 is
+        sigma_1 = sigma_max, the labels of the authors' code).
+        """
+        levels = self.level_times().to(t)
+        nearest = (t[:, None] - levels[None, :]).abs().argmin(dim=1)
+        return len(levels) - 1 - nearest
+
+    def sample_marginal(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """x_t = mean(x0, t) + std(t) noise."""
+        return self.mean(x0, t) + append_dims(self.std(t), x0.ndim) * noise
+
+    def score_from_denoised(
+        self, x: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor
+    ) -> torch.Tensor:
+        """grad log p_t(x) ~ (mean(x0_hat, t) - x) / std(t)^2 (Daras et al. eq. 8; for the SDEs
+        Tweedie's formula read backwards)."""
+        sigma = append_dims(self.std(t), x.ndim).to(x.dtype)
+        return (self.mean(x0_hat, t) - x) / sigma**2
+
+    def fit(self, data: torch.Tensor) -> None:
+        """Estimate what the process takes from the training data (a schedule, a prior, an
+        embedding) into buffers; ``data`` are the training examples in model range. None here."""
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether :meth:`fit` does anything (so that data are only gathered when it does)."""
+        return type(self).fit is not ForwardProcess.fit
