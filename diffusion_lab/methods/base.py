@@ -104,7 +104,9 @@ class DiffusionMethod(L.LightningModule):
         if self.process.needs_fit and self.trainer.ckpt_path is None:
             dataset = self.trainer.datamodule.dataset("train")
             items = [dataset[i] for i in range(len(dataset))]
-            x = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
+            x = torch.stack(
+                [item[0] if isinstance(item, (list, tuple)) else item for item in items]
+            )
             self.process.fit(self.to_model_range(x).to(self.device))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -156,7 +158,9 @@ class DiffusionMethod(L.LightningModule):
         x_init = self.process.prior_sampling(shape, generator=generator, device=self.device)
         was_training = self.training
         self.eval()
-        result = self.sampler(self.model, self.process, x_init, generator=generator, **sampler_options)
+        result = self.sampler(
+            self.model, self.process, x_init, generator=generator, **sampler_options
+        )
         self.train(was_training)
         return self.to_data_range(result.samples), result.nfe
 

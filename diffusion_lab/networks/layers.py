@@ -21,7 +21,7 @@ from torch import nn
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.utils import append_dims
 
-EMBEDDINGS = ("sinusoidal", "fourier")
+EMBEDDINGS = ("sinusoidal", "fourier", "linear")
 
 
 class NetworkConfigError(ConfigError, ValueError):
@@ -90,16 +90,34 @@ class LogSigmaFourierEmbedding(GaussianFourierEmbedding):
         return super().forward(torch.log(sigma.float().clamp_min(1e-20)))
 
 
+class LinearEmbedding(nn.Module):
+    """A learned affine map of the label, (B,) -> (B, dim): the FP score embedding paper's
+    "linear time embedding" (Na et al. sec. 4), for networks conditioned on t itself
+    (``process.conditioning=time``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim < 1:
+            raise NetworkConfigError(f"linear embedding dim must be >= 1, got {dim}")
+        self.linear = nn.Linear(1, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear(t.float()[:, None])
+
+
 def noise_embedding(kind: str, dim: int) -> nn.Module:
     """The noise-label embedding named by ``kind``: (B,) -> (B, dim).
 
     ``"sinusoidal"``: the label is a DDPM timestep index (float in [0, 1000]).
     ``"fourier"``: the label is a VE noise level sigma; its log is embedded with Fourier features.
+    ``"linear"``: a learned affine map of the label (t in [0, 1] with ``conditioning=time``).
     """
     if kind == "sinusoidal":
         return SinusoidalEmbedding(dim)
     if kind == "fourier":
         return LogSigmaFourierEmbedding(dim)
+    if kind == "linear":
+        return LinearEmbedding(dim)
     raise NetworkConfigError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
 
 

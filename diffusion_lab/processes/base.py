@@ -56,6 +56,7 @@ class ForwardProcess(nn.Module, abc.ABC):
             )
         self.num_steps = num_steps
         self.conditioning = conditioning
+        self._fitted_names: set[str] = set()
 
     @abc.abstractmethod
     def mean(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -110,9 +111,49 @@ class ForwardProcess(nn.Module, abc.ABC):
         sigma = append_dims(self.std(t), x.ndim).to(x.dtype)
         return (self.mean(x0_hat, t) - x) / sigma**2
 
+    def reverse_step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        x0_hat: torch.Tensor,
+        step_std: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """x at t_prev < t from x at t and a clean-image estimate: DDIM's step (Song et al. 2020
+        eq. 12) for any mean, mean(x0_hat, t_prev) + sqrt(sigma_prev^2 - s^2) eps_hat + s noise,
+        with eps_hat = (x - mean(x0_hat, t)) / sigma and s = ``step_std`` (shape (B,)).
+
+        Given x0, it keeps the marginal N(mean(x0, t_prev), sigma_prev^2 I) for every
+        s <= sigma_prev; s = 0 is deterministic, and for C_t = alpha(t) I with s the posterior std
+        it is DDPM's ancestral step (``SDE.ancestral_step``, variance "posterior").
+        """
+        sigma, sigma_prev = self.std(t), self.std(t_prev)
+        eps_hat = (x - self.mean(x0_hat, t)) / append_dims(sigma, x.ndim)
+        direction = (sigma_prev**2 - step_std**2).clamp(min=0).sqrt()
+        return (
+            self.mean(x0_hat, t_prev)
+            + append_dims(direction, x.ndim) * eps_hat
+            + append_dims(step_std, x.ndim) * noise
+        )
+
     def fit(self, data: torch.Tensor) -> None:
         """Estimate what the process takes from the training data (a schedule, a prior, an
-        embedding) into buffers; ``data`` are the training examples in model range. None here."""
+        embedding) into buffers declared by :meth:`register_fitted`; ``data`` are the training
+        examples in model range. Nothing here."""
+
+    def register_fitted(self, name: str) -> None:
+        """Declare a buffer that :meth:`fit` fills: saved in checkpoints and restored from them
+        whatever its shape, so that sampling from a checkpoint needs no data."""
+        self._fitted_names.add(name)
+        self.register_buffer(name, torch.empty(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        for name in self._fitted_names:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                self._buffers[name] = torch.empty_like(saved, device=self._buffers[name].device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def needs_fit(self) -> bool:

@@ -250,7 +250,9 @@ class VESDE(SDE):
             raise ConfigError(f"process.prior must be one of {PRIORS}, got {prior!r}")
         low, high = prior_range
         if not low < high:
-            raise ConfigError(f"process.prior_range must be [low, high] with low < high, got {prior_range}")
+            raise ConfigError(
+                f"process.prior_range must be [low, high] with low < high, got {prior_range}"
+            )
         self.prior, self.prior_range = prior, (float(low), float(high))
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         levels = schedules.sigma_schedule(schedule, sigma_max, sigma_min, num_steps)

@@ -138,4 +138,6 @@ def decode(
 ) -> torch.Tensor:
     """x(eps) from a latent z = x(1): the probability flow backward in time, no final denoising
     step (so that ``decode(encode(x))`` returns x up to solver error)."""
-    return solve_probability_flow(CountingModel(model, process), process, z, 1.0, eps, rtol, atol, method)
+    return solve_probability_flow(
+        CountingModel(model, process), process, z, 1.0, eps, rtol, atol, method
+    )
