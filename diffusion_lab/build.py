@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.errors import ConfigError, DiffusionLabError
-from diffusion_lab.evaluate import SampleEvaluator
 from diffusion_lab.methods.base import DiffusionMethod
+from diffusion_lab.metrics.evaluator import SampleEvaluator
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion_lab.build import build_datamodule, build_method, build_trainer, resolve_checkpoint
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.errors import DiffusionLabError
-from diffusion_lab.evaluate import SampleEvaluator
+from diffusion_lab.metrics.evaluator import SampleEvaluator
 
 log = logging.getLogger("diffusion_lab")
 
