@@ -77,6 +77,11 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         raise ConfigError(f"trainer: {exc}".splitlines()[0]) from None
 
 
+def last_checkpoint_path(run_dir: str | Path) -> Path:
+    """<run_dir>/checkpoints/last.ckpt, where the ``LastCheckpoint`` callback writes."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """None (fresh run), a path, or ``last`` -> <run_dir>/checkpoints/last.ckpt, which must exist.
 
@@ -84,7 +89,7 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None
     """
     if ckpt_path is None:
         return None
-    path = Path(run_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = last_checkpoint_path(run_dir) if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(
             f"checkpoint {path} not found: to resume, run with hydra.run.dir=<the run folder> "
