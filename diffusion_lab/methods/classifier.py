@@ -3,7 +3,7 @@
 Khungurn sec. 7.4.1: from a labelled example (x(0), y), draw t ~ U(eps, 1) and x(t) ~ p_t(x(t) |
 x(0)) = N(alpha(t) x(0), sigma(t)^2 I) by the forward process, and minimise the cross-entropy of y
 given (x(t), t): a mixture of cross-entropies over time (Song et al. 2021 App. I.1). The trained
-classifier drives ``samplers.conditional.guided_score``.
+classifier drives ``samplers.guidance.guided_score``.
 """
 
 from __future__ import annotations
