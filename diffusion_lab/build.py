@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.errors import ConfigError, DiffusionLabError
-from diffusion_lab.evaluate import SampleEvaluator
 from diffusion_lab.methods.base import DiffusionMethod
+from diffusion_lab.metrics.evaluator import SampleEvaluator
 from diffusion_lab.samplers.base import check_sampler
 
 
@@ -85,6 +85,11 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         raise ConfigError(f"trainer: {exc}".splitlines()[0]) from None
 
 
+def last_checkpoint_path(run_dir: str | Path) -> Path:
+    """<run_dir>/checkpoints/last.ckpt, where the ``LastCheckpoint`` callback writes."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """None (fresh run), a path, or ``last`` -> <run_dir>/checkpoints/last.ckpt, which must exist.
 
@@ -92,7 +97,7 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None
     """
     if ckpt_path is None:
         return None
-    path = Path(run_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = last_checkpoint_path(run_dir) if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(
             f"checkpoint {path} not found: to resume, run with hydra.run.dir=<the run folder> "

@@ -19,10 +19,16 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.build import build_datamodule, build_method, build_trainer, resolve_checkpoint
+from diffusion_lab.build import (
+    build_datamodule,
+    build_method,
+    build_trainer,
+    last_checkpoint_path,
+    resolve_checkpoint,
+)
 from diffusion_lab.callbacks.images import save_samples_picture
-from diffusion_lab.errors import DiffusionLabError
-from diffusion_lab.evaluate import SampleEvaluator
+from diffusion_lab.errors import DiffusionLabError, TrainingDivergedError
+from diffusion_lab.metrics.evaluator import SampleEvaluator
 
 log = logging.getLogger("diffusion_lab")
 
@@ -60,6 +66,18 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(2)
 
 
+@contextmanager
+def naming_last_checkpoint(run_dir: Path) -> Iterator[None]:
+    """Add the run's last checkpoint (or "none written yet") to a divergence error: the method
+    says to resume with ckpt_path=last, but only the run knows its folder."""
+    try:
+        yield
+    except TrainingDivergedError as exc:
+        path = last_checkpoint_path(run_dir)
+        where = str(path) if path.is_file() else "none written yet"
+        raise TrainingDivergedError(f"{exc} (last good checkpoint: {where})") from None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, then sample with the final (EMA) weights and score the samples."""
     run_dir = Path(cfg.run_dir)
@@ -74,7 +92,8 @@ def train(cfg: DictConfig) -> float | None:
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    with naming_last_checkpoint(run_dir):
+        trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted or not trainer.is_global_zero:
         return None
     results = final_evaluation(method, datamodule, cfg.final_samples, run_dir)

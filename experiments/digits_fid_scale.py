@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from diffusion_lab.data.digits import DigitsDataModule
-from diffusion_lab.evaluate import SampleEvaluator
+from diffusion_lab.metrics.evaluator import SampleEvaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -16,16 +16,9 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.methods.classifier import NoisyClassifierMethod
 from diffusion_lab.networks.classifier import NoisyClassifier
 from diffusion_lab.processes.sde import VESDE, VPSDE
-from diffusion_lab.samplers.conditional import (
-    COLOR_TRANSFORM,
-    LinearMeasurement,
-    colorize,
-    couple,
-    decouple,
-    guided_score,
-    inpaint,
-    solve_linear_inverse_problem,
-)
+from diffusion_lab.samplers.guidance import guided_score
+from diffusion_lab.samplers.inpainting import COLOR_TRANSFORM, colorize, couple, decouple, inpaint
+from diffusion_lab.samplers.inverse import LinearMeasurement, solve_linear_inverse_problem
 from diffusion_lab.samplers.pc import predictor_corrector
 
 

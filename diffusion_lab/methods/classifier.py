@@ -3,7 +3,7 @@
 Khungurn sec. 7.4.1: from a labelled example (x(0), y), draw t ~ U(eps, 1) and x(t) ~ p_t(x(t) |
 x(0)) = N(alpha(t) x(0), sigma(t)^2 I) by the forward process, and minimise the cross-entropy of y
 given (x(t), t): a mixture of cross-entropies over time (Song et al. 2021 App. I.1). The trained
-classifier drives ``samplers.conditional.guided_score``.
+classifier drives ``samplers.guidance.guided_score``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.errors import ConfigError, TrainingDivergedError
-from diffusion_lab.methods.base import DiffusionMethod
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.methods.training import TrainingModule
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.utils import batch_time
 
@@ -40,30 +39,22 @@ class TimeDependentClassifier(nn.Module):
         return self.network(x, self.process.noise_label(t).to(x.dtype))
 
 
-class NoisyClassifierMethod(L.LightningModule):
+class NoisyClassifierMethod(TrainingModule):
     """Cross-entropy training of a noisy classifier on x(t) = alpha(t) x0 + sigma(t) z.
 
-    Same construction as ``DiffusionMethod`` (``build.build_method`` calls both alike): data map
-    from ``data_range`` to ``model_range`` (that of the score model it will guide); the optimiser
-    partial with a linear warm-up over ``warmup_steps``. ``loss``, ``sampler`` and ``evaluator``,
-    which ``build_method`` passes to every method, are accepted and ignored: a classifier has no
-    sampler, and its metrics are its own (``train/acc``, ``val/acc`` over t ~ U(eps, 1), and
-    ``val/acc_low_noise`` at t = eps). Set ``final_samples: 0`` in the run config, as the
-    experiment ``noisy_classifier_digits`` does, since there is nothing to sample.
+    Same construction and base (``TrainingModule``) as ``DiffusionMethod`` (``build.build_method``
+    calls both alike): data map from ``data_range`` to ``model_range`` (that of the score model it
+    will guide); the optimiser partial with a linear warm-up over ``warmup_steps``. ``loss``,
+    ``sampler`` and ``evaluator``, which ``build_method`` passes to every method, are accepted
+    and ignored: a classifier has no sampler, and its metrics are its own (``train/acc``,
+    ``val/acc`` over t ~ U(eps, 1), and ``val/acc_low_noise`` at t = eps). Set ``final_samples:
+    0`` in the run config, as the experiment ``noisy_classifier_digits`` does, since there is
+    nothing to sample.
 
     Validation draws its times and noise from a generator seeded by ``sample_seed`` and the batch
     index: the metrics are comparable between validations and the global RNG (training's stream,
     saved in checkpoints for exact resumes) is left alone.
     """
-
-    # The range maps, optimiser, checkpointed RNG state and divergence hint are DiffusionMethod's:
-    # they only read the attributes set in __init__ (and ``self.model.network``).
-    to_model_range = DiffusionMethod.to_model_range
-    to_data_range = DiffusionMethod.to_data_range
-    configure_optimizers = DiffusionMethod.configure_optimizers
-    on_save_checkpoint = DiffusionMethod.on_save_checkpoint
-    on_load_checkpoint = DiffusionMethod.on_load_checkpoint
-    _last_checkpoint_hint = DiffusionMethod._last_checkpoint_hint
 
     def __init__(
         self,
@@ -80,21 +71,12 @@ class NoisyClassifierMethod(L.LightningModule):
         sampler: Any = None,
         evaluator: Any = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, data_range, model_range, warmup_steps, run_config)
         if not 0.0 < eps < 1.0:
             raise ConfigError(f"method.eps must lie in (0, 1), got {eps}")
-        if warmup_steps < 0:
-            raise ConfigError(f"method.warmup_steps must be >= 0, got {warmup_steps}")
-        if (data_range is None) != (model_range is None):
-            raise ConfigError("give both data_range and model_range, or neither (for raw points)")
-        self.save_hyperparameters({"run_config": run_config or {}})
         self.model = TimeDependentClassifier(network, process)
         self.process = process
-        self.optimizer_factory = optimizer
-        self.data_range = tuple(data_range) if data_range is not None else None
-        self.model_range = tuple(model_range) if model_range is not None else None
         self.eps = eps
-        self.warmup_steps = warmup_steps
         self.sample_seed = sample_seed
 
     def classifier_fn(self) -> TimeDependentClassifier:
@@ -121,12 +103,7 @@ class NoisyClassifierMethod(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, acc = self.noisy_loss(batch)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"loss is {loss.item()} at step {self.global_step}: lower the learning rate; "
-                f"resume from the last good checkpoint ({self._last_checkpoint_hint()}) "
-                "with ckpt_path=last"
-            )
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/acc", acc, on_step=True, on_epoch=False)
         return loss

@@ -97,9 +97,10 @@ def predictor_corrector(
 
     With ``corrector="none"`` this is a plain reverse-SDE solver (Euler-Maruyama, reverse
     diffusion or ancestral); with ``predictor="none"`` a corrector-only sampler. For controllable
-    generation (``samplers.conditional``), ``project(x, t, dt, generator)`` is applied to the
-    initial state and after every corrector and predictor step (Song et al. 2021 App. I.2, their
-    ``get_pc_inpainter``), and ``finalize(x)`` after the final denoising step.
+    generation (``samplers.inpainting``, ``samplers.inverse``), ``project(x, t, dt, generator)``
+    is applied to the initial state and after every corrector and predictor step (Song et al.
+    2021 App. I.2, their ``get_pc_inpainter``), and ``finalize(x)`` after the final denoising
+    step.
     """
     if predictor not in PREDICTORS:
         raise ConfigError(f"unknown predictor {predictor!r}: use one of {sorted(PREDICTORS)}")

@@ -1,0 +1,86 @@
+"""What every LightningModule of the project shares: range maps, optimiser, checkpoints, guard."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from diffusion_lab.errors import ConfigError, TrainingDivergedError
+
+
+class TrainingModule(L.LightningModule):
+    """Base of the methods: a subclass sets ``self.model``, whose ``network`` is trained.
+
+    Data arrive in ``data_range`` (DataModules yield [0, 1] images) and are mapped affinely to
+    ``model_range`` (DDPM trains on [-1, 1]); ``None`` for both leaves them as they are (2-D
+    points). Optimiser: the given partial with a linear learning-rate warm-up over
+    ``warmup_steps``. Checkpoints keep the global RNG state, so that resuming is exact. Only
+    primitives are saved as hyper-parameters (``run_config``), so checkpoints load with
+    ``weights_only=True`` (DESIGN.md).
+    """
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        data_range: Sequence[float] | None,
+        model_range: Sequence[float] | None,
+        warmup_steps: int,
+        run_config: dict | None,
+    ) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ConfigError(f"method.warmup_steps must be >= 0, got {warmup_steps}")
+        if (data_range is None) != (model_range is None):
+            raise ConfigError("give both data_range and model_range, or neither (for raw points)")
+        self.save_hyperparameters({"run_config": run_config or {}})
+        self.optimizer_factory = optimizer
+        self.data_range = tuple(data_range) if data_range is not None else None
+        self.model_range = tuple(model_range) if model_range is not None else None
+        self.warmup_steps = warmup_steps
+
+    def to_model_range(self, x: torch.Tensor) -> torch.Tensor:
+        """Map data from ``data_range`` to ``model_range``."""
+        if self.data_range is None:
+            return x
+        (lo, hi), (mlo, mhi) = self.data_range, self.model_range
+        return (x - lo) / (hi - lo) * (mhi - mlo) + mlo
+
+    def to_data_range(self, x: torch.Tensor) -> torch.Tensor:
+        """Map model outputs back to ``data_range``, clamped to it."""
+        if self.data_range is None:
+            return x
+        (lo, hi), (mlo, mhi) = self.data_range, self.model_range
+        return ((x - mlo) / (mhi - mlo) * (hi - lo) + lo).clamp(lo, hi)
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop training on a NaN or infinite loss, naming the step (``run.py`` adds the path of
+        the last checkpoint, which only it knows)."""
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss is {loss.item()} at step {self.global_step}: lower the learning rate or "
+                "check the data; resume from the last good checkpoint with ckpt_path=last"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the global RNG state (noise and time draws), so resuming is exact."""
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
+    def configure_optimizers(self) -> dict:
+        optimizer = self.optimizer_factory(self.model.network.parameters())
+        warmup = self.warmup_steps
+
+        def warmup_factor(step: int) -> float:
+            return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

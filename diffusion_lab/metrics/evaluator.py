@@ -1,0 +1,82 @@
+"""Score generated samples against held-out real data: the metrics a run reports.
+
+Metric names (chosen per data set by ``data.metrics``):
+``fid_digits`` / ``kid_digits`` (features of the project's digits classifier, never called FID),
+``fid`` / ``kid`` (Inception; skipped with a warning when its weights cannot be had),
+``class_coverage`` (confident fraction, classes present, balance), ``sliced_wasserstein``,
+and the paired ``ssim`` / ``psnr`` / ``mse`` against the reference images (single-image data).
+The number of samples and of reference images is always reported with the scores.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from diffusion_lab.errors import ConfigError, DiffusionLabError
+from diffusion_lab.metrics import coverage, fid, image_quality
+from diffusion_lab.metrics.sliced_wasserstein import sliced_wasserstein
+
+METRICS = (
+    "fid_digits", "kid_digits", "fid", "kid", "class_coverage", "sliced_wasserstein",
+    "ssim", "psnr", "mse",
+)  # fmt: skip
+
+
+class SampleEvaluator:
+    """Callable ``(samples, datamodule) -> {name: float}`` for the named metrics."""
+
+    def __init__(self, metrics: Sequence[str], num_reference: int = 10000, seed: int = 0) -> None:
+        unknown = sorted(set(metrics) - set(METRICS))
+        if unknown:
+            raise ConfigError(f"unknown metrics {unknown}: choose from {', '.join(METRICS)}")
+        self.metrics = list(metrics)
+        self.num_reference = num_reference
+        self.seed = seed
+        self.prepare(self.metrics)
+
+    @staticmethod
+    def prepare(metrics: Sequence[str]) -> None:
+        """Load (or train and cache) what the metrics need, now rather than mid-training."""
+        if any(m.endswith("_digits") or m == "class_coverage" for m in metrics):
+            from diffusion_lab.metrics.digits_classifier import get_digits_classifier
+
+            get_digits_classifier()
+
+    def __call__(self, samples: torch.Tensor, datamodule) -> dict[str, float]:
+        samples = samples.detach().float().cpu()
+        paired = any(m in self.metrics for m in ("ssim", "psnr", "mse"))
+        count = len(samples) if paired else self.num_reference
+        reference = datamodule.reference_samples(count).float().cpu()
+        results = {"num_reference": float(len(reference))}
+        for name in self.metrics:
+            results.update(self.score(name, samples, reference))
+        return results
+
+    def score(self, name: str, samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+        """One metric's values (a metric may give several numbers)."""
+        if name in ("fid_digits", "fid"):
+            return self._frechet(fid.compute_fid, name, samples, reference)
+        if name in ("kid_digits", "kid"):
+            return self._frechet(fid.compute_kid, name, samples, reference, subset_size=100)
+        if name == "class_coverage":
+            result = coverage.class_coverage(samples)
+            keys = ("confident_fraction", "classes_present", "balance")
+            return {f"coverage_{k}": float(result[k]) for k in keys}
+        if name == "sliced_wasserstein":
+            generator = torch.Generator().manual_seed(self.seed)
+            return {name: sliced_wasserstein(samples, reference, generator=generator)}
+        n = min(len(samples), len(reference))
+        return {name: getattr(image_quality, name)(samples[:n], reference[:n])}
+
+    @staticmethod
+    def _frechet(compute, name: str, samples, reference, **kwargs) -> dict[str, float]:
+        feature = "digits" if name.endswith("_digits") else "inception"
+        try:
+            result = compute(samples, reference, feature=feature, **kwargs)
+        except DiffusionLabError as exc:
+            warnings.warn(f"{name} skipped: {exc}", stacklevel=2)
+            return {}
+        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
