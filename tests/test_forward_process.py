@@ -9,7 +9,6 @@ import torch
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.networks.mlp import MLP
-from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes.corruption import ScalarCorruption
 from diffusion_lab.processes.sde import VESDE, VPSDE
 from diffusion_lab.samplers.ancestral import ancestral
@@ -102,13 +101,14 @@ def test_denoised_of_each_parameterisation_against_a_direct_computation(name):
         "x0": out,
         "x0_residual": out + x,
     }
+    # The model evaluates the schedule at float32 times (as in training): float32 tolerance.
     for parameterization, x0_hat in expected.items():
         model = ScoreModel(_Fixed(), process, parameterization)
-        torch.testing.assert_close(model.denoised(x, t), x0_hat, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model.denoised(x, t), x0_hat, rtol=1e-5, atol=1e-6)
         # and the score is eq. 8 of that estimate, (alpha x0_hat - x) / sigma^2
         score = (alpha * x0_hat - x) / sigma**2
-        torch.testing.assert_close(model.score(x, t), score, rtol=1e-8, atol=1e-8)
-        torch.testing.assert_close(model.eps(x, t), -sigma * score, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(model.score(x, t), score, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eps(x, t), -sigma * score, rtol=1e-5, atol=1e-5)
 
 
 SAMPLERS = {

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.sde import SDE, ScoreFn
-from diffusion_lab.samplers.base import CountingModel
+from diffusion_lab.processes.sde import SDE
+from diffusion_lab.samplers.base import CountingModel, Model
 from diffusion_lab.samplers.ode import integrate
 from diffusion_lab.utils import batch_time
 
@@ -81,7 +81,7 @@ def make_probe(
 
 
 def velocity_and_divergence(
-    score: ScoreFn, process: SDE, x: torch.Tensor, t: float, probe: torch.Tensor | None
+    score: Model, process: SDE, x: torch.Tensor, t: float, probe: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The probability-flow velocity v(x, t) and its divergence per example.
 
@@ -105,7 +105,7 @@ def velocity_and_divergence(
 
 
 def log_likelihood(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     x: torch.Tensor,
     eps: float = 1e-5,
@@ -134,7 +134,7 @@ def log_likelihood(
     copies = num_probes if divergence == "hutchinson" else 1
     xs = x.detach().repeat_interleave(copies, dim=0)
     probes = make_probe(xs, probe, generator) if divergence == "hutchinson" else None
-    score = CountingModel(score_fn, process)
+    score = CountingModel(model, process)
     flat_dim = xs[0].numel()
 
     def rhs(t: float, state: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def uniform_dequantize(
 
 
 def bits_per_dim(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     x: torch.Tensor,
     data_range: Sequence[float] = (0.0, 1.0),
@@ -214,7 +214,7 @@ def bits_per_dim(
     else:
         log_jacobian = math.log((mhi - mlo) / (hi - lo))
     y = (x - lo) / (hi - lo) * (mhi - mlo) + mlo
-    result = log_likelihood(score_fn, process, y, generator=generator, **likelihood_options)
+    result = log_likelihood(model, process, y, generator=generator, **likelihood_options)
     dim = x[0].numel()
     bpd = -(result.logp + dim * log_jacobian) / (dim * math.log(2))
     return BitsPerDimResult(bpd, result.logp, result.nfe)

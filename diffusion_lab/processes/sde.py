@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes import schedules
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.utils import append_dims
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

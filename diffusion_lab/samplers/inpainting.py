@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from diffusion_lab.processes.sde import SDE, ScoreFn
-from diffusion_lab.samplers.base import SampleResult, StepCallback, gaussian_like
+from diffusion_lab.processes.sde import SDE
+from diffusion_lab.samplers.base import Model, SampleResult, StepCallback, gaussian_like
 from diffusion_lab.samplers.pc import predictor_corrector
 from diffusion_lab.utils import batch_time
 
@@ -36,7 +36,7 @@ def replace_known(
 
 
 def inpaint(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     observed: torch.Tensor,
     steps: int = 1000,
@@ -57,7 +57,7 @@ def inpaint(
     mask = mask.to(torch.bool).expand_as(observed)
     x_init = process.prior_sampling(tuple(observed.shape), generator, observed.device)
     return predictor_corrector(
-        score_fn,
+        model,
         process,
         x_init,
         steps,
@@ -93,7 +93,7 @@ def couple(decoupled: torch.Tensor) -> torch.Tensor:
 
 
 def colorize(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     gray: torch.Tensor,
     steps: int = 1000,
@@ -121,7 +121,7 @@ def colorize(
 
     x_init = process.prior_sampling(tuple(rgb.shape), generator, rgb.device)
     return predictor_corrector(
-        score_fn,
+        model,
         process,
         x_init,
         steps,

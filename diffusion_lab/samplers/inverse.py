@@ -15,8 +15,8 @@ import torch
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.operators import FunctionOperator, LinearOperator, MatrixOperator
-from diffusion_lab.processes.sde import SDE, ScoreFn
-from diffusion_lab.samplers.base import SampleResult, StepCallback, gaussian_like
+from diffusion_lab.processes.sde import SDE
+from diffusion_lab.samplers.base import Model, SampleResult, StepCallback, gaussian_like
 from diffusion_lab.samplers.pc import predictor_corrector
 from diffusion_lab.utils import append_dims, batch_time
 
@@ -58,7 +58,7 @@ class LinearMeasurement:
 
 
 def solve_linear_inverse_problem(
-    score_fn: ScoreFn,
+    model: Model,
     process: SDE,
     measurement: LinearMeasurement,
     x_or_shape: torch.Tensor | tuple[int, ...],
@@ -92,7 +92,7 @@ def solve_linear_inverse_problem(
             "use corrector='none' for noisy measurements"
         )
     return predictor_corrector(
-        score_fn,
+        model,
         process,
         x_or_shape,
         steps,
