@@ -9,7 +9,7 @@ from scipy.spatial.distance import pdist
 from scipy.special import erf
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.ncsnv2 import (
+from diffusion_lab.schedules.ncsnv2 import (
     common_ratio,
     langevin_step_size,
     langevin_variance_ratio,

@@ -6,7 +6,7 @@ import torch
 from diffusion_lab.networks.layers import NetworkConfigError
 from diffusion_lab.networks.normalization import InstanceNormPlusPlus
 from diffusion_lab.networks.refinenet import RefineNet
-from diffusion_lab.processes.schedules import sigma_schedule
+from diffusion_lab.schedules import sigma_schedule
 
 
 def _direct_cin_pp(x, gamma, beta, alpha, eps=1e-5):

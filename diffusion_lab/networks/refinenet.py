@@ -41,7 +41,7 @@ from torch import nn
 
 from diffusion_lab.networks.layers import NetworkConfigError
 from diffusion_lab.networks.normalization import InstanceNormPlusPlus
-from diffusion_lab.processes.schedules import sigma_schedule
+from diffusion_lab.schedules import sigma_schedule
 
 Level = torch.Tensor | None
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion_lab import schedules
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes import schedules
 from diffusion_lab.utils import append_dims
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -287,7 +287,7 @@ class VPSDE(SDE):
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         num_steps: int = 1000,
-        schedule: str = "linear",
+        schedule: str = "beta_linear",
     ) -> None:
         super().__init__(num_steps)
         self.beta_min, self.beta_max = beta_min, beta_max
