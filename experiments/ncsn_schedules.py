@@ -3,7 +3,7 @@
 One NCSN model (RefineNet, DSM with lambda = sigma^2, L = 10 levels to sigma_L = 0.01) per schedule
 (geometric, linear, cosine, squared cosine, sigmoid) and per sigma_1: small (1.0, NCSN's MNIST setup
 and the paper's main one) and large (4.815, the NCSNv2 Technique 1 value for 8x8 digits in [0, 1]:
-the largest pairwise distance of the training set, ``python -m diffusion_lab.processes.ncsnv2``).
+the largest pairwise distance of the training set, ``python -m diffusion_lab.noise_levels``).
 The paper's large sigma_1 = 30 comes with many levels; at L = 10 and CPU scale we keep L fixed so
 that only sigma_1 changes, and take sigma_1 from Technique 1 rather than 30 (for 8x8 digits no two
 images are further apart than 4.8, so a larger sigma_1 only adds levels of pure noise).
@@ -40,7 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from diffusion_lab.processes.schedules import sigma_schedule  # noqa: E402
+from diffusion_lab.schedules import sigma_schedule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "ncsn_runs"
@@ -58,7 +58,7 @@ def sampler_settings(sigma_max: float, n_steps_each: int) -> dict:
     """T steps per level; eps = 2e-5 at sigma_1 = 1 (NCSN), Technique 4 for the large sigma_1."""
     if sigma_max == SIGMA_SMALL:
         return {"n_steps_each": n_steps_each, "step_lr": 2e-5, "denoise": False, "eps_rule": "NCSN"}
-    from diffusion_lab.processes.ncsnv2 import langevin_step_size
+    from diffusion_lab.schedules.ncsnv2 import langevin_step_size
 
     gamma = (sigma_max / SIGMA_MIN) ** (1 / (LEVELS - 1))
     eps = langevin_step_size(n_steps_each, gamma, SIGMA_MIN)
@@ -75,7 +75,7 @@ def train(schedule: str, sigma_max: float, max_steps: int) -> float:
     start = time.time()
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         command = [sys.executable, "-m", "diffusion_lab.run", "+experiment=ncsn_mnist",
-                   "data=digits", "network=refinenet_small", f"process.schedule={schedule}",
+                   "data=digits", "network=refinenet_small", f"schedule={schedule}",
                    f"process.sigma_max={sigma_max}", f"trainer.max_steps={max_steps}",
                    "final_samples=0", "method.num_eval_samples=0",
                    "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
@@ -139,7 +139,7 @@ def job(schedule: str, sigma_max: float, max_steps: int, n: int, n_steps_each: i
 def sweep_check() -> dict:
     command = [sys.executable, "-m", "diffusion_lab.run", "-m", "+experiment=ncsn_mnist",
                "data=digits", "network=refinenet_small", "trainer=debug",
-               "process.schedule=geometric,linear,cosine,squared_cosine,sigmoid",
+               "schedule=geometric,linear,cosine,squared_cosine,sigmoid",
                "trainer.max_steps=20", "hydra.sweep.dir=/tmp/ncsn_sweep"]  # fmt: skip
     start = time.time()
     proc = subprocess.run(command, env=ENV, capture_output=True, text=True)

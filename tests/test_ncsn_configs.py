@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 
 from diffusion_lab.build import instantiate
 from diffusion_lab.networks.refinenet import RefineNet
-from diffusion_lab.processes.schedules import sigma_schedule
 from diffusion_lab.processes.sde import VESDE
+from diffusion_lab.schedules import sigma_schedule
 from diffusion_lab.score_model import ScoreModel
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

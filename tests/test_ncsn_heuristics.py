@@ -9,7 +9,7 @@ from scipy.spatial.distance import pdist
 from scipy.special import erf
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.ncsnv2 import (
+from diffusion_lab.schedules.ncsnv2 import (
     common_ratio,
     langevin_step_size,
     langevin_variance_ratio,
@@ -92,3 +92,20 @@ def test_ncsnv2_config_on_a_small_set():
         config.gamma ** (config.num_levels - 1)
     )
     assert "process.num_steps=" + str(config.num_levels) in config.overrides()
+
+
+def test_noise_levels_entry_point_reproduces_the_digits_numbers(capsys):
+    """``python -m diffusion_lab.noise_levels`` (data=digits, 8x8): the README's numbers."""
+    from diffusion_lab.noise_levels import main
+
+    config = main(["data=digits"])
+    lines = capsys.readouterr().out.splitlines()
+    assert (round(config.sigma_max, 3), round(config.gamma, 3), config.num_levels) == (
+        4.815,
+        1.342,
+        22,
+    )
+    assert f"{config.step_lr:.3g}" == "2.35e-05" and config.n_steps_each == 5
+    assert "sigma_max: 4.81493" in lines
+    assert lines[-1] == "overrides: " + " ".join(config.overrides())
+    assert "schedule=geometric" in config.overrides()

@@ -6,8 +6,8 @@ import torch
 from diffusion_lab.networks.layers import NetworkConfigError
 from diffusion_lab.networks.normalization import InstanceNormPlusPlus
 from diffusion_lab.networks.refinenet import RefineNet
-from diffusion_lab.processes.schedules import sigma_schedule
 from diffusion_lab.processes.sde import VESDE
+from diffusion_lab.schedules import sigma_schedule
 from diffusion_lab.score_model import ScoreModel
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.schedules import cosine_betas, linear_betas
 from diffusion_lab.processes.sde import VESDE, VPSDE, SubVPSDE
+from diffusion_lab.schedules.beta import cosine_betas, linear_betas
 
 DDPM_BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.schedules import SIGMA_SCHEDULES, sigma_schedule
 from diffusion_lab.processes.sde import VESDE
+from diffusion_lab.schedules import sigma_schedule
+from diffusion_lab.schedules.sigma import SIGMA_SCHEDULES
 
 NAMES = ("geometric", "linear", "cosine", "squared_cosine", "sigmoid")
 SETUPS = [(1.0, 0.01, 10), (30.0, 0.01, 200), (50.0, 0.01, 232), (5.0, 0.1, 2)]

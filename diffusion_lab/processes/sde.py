@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion_lab import schedules
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes import schedules
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.utils import append_dims
 
@@ -326,7 +326,7 @@ class VPSDE(SDE):
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         num_steps: int = 1000,
-        schedule: str = "linear",
+        schedule: str = "beta_linear",
         conditioning: str | None = None,
     ) -> None:
         super().__init__(num_steps, conditioning)

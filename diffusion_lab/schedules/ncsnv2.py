@@ -18,16 +18,15 @@ and 5 the EMA callback):
   sigma_L^2))), so "as close as possible to 1" is its minimum over eps, found numerically
   (:func:`langevin_step_size`).
 
-Command line: ``python -m diffusion_lab.processes.ncsnv2 [--image-size 8] [--steps-each 5]``
-prints these numbers for the embedded ``digits`` set and the matching Hydra overrides; the
-same functions take any (N, ...) tensor of training data in model range.
+These functions take any (N, ...) tensor of training data in model range and know no data set;
+``python -m diffusion_lab.noise_levels [Hydra data overrides]`` prints their numbers for the
+training split of any ``data`` config and the matching Hydra overrides.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from scipy.optimize import brentq, minimize_scalar
@@ -134,12 +133,12 @@ class NCSNv2Config:
     variance_ratio: float  # s_T^2 / sigma_i^2 at that eps
 
     def overrides(self) -> list[str]:
-        """Hydra overrides for ``process`` (a VESDE) and ``sampler`` (annealed Langevin)."""
+        """Hydra overrides for ``process`` (a VESDE), ``schedule`` and ``sampler`` (annealed Langevin)."""
         return [
             f"process.sigma_max={self.sigma_max:.6g}",
             f"process.sigma_min={self.sigma_min:g}",
             f"process.num_steps={self.num_levels}",
-            "process.schedule=geometric",
+            "schedule=geometric",
             f"sampler.n_steps_each={self.n_steps_each}",
             f"sampler.step_lr={self.step_lr:.3g}",
         ]
@@ -170,25 +169,3 @@ def ncsnv2_config(
         step_lr=eps,
         variance_ratio=langevin_variance_ratio(eps, n_steps_each, gamma, sigma_min),
     )
-
-
-def main(argv: list[str] | None = None) -> NCSNv2Config:
-    """Print the heuristics for the embedded digits training split and the Hydra overrides."""
-    from diffusion_lab.data.digits import load_digits_arrays
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=8)
-    parser.add_argument("--steps-each", type=int, default=5, help="T, Langevin steps per level")
-    parser.add_argument("--sigma-min", type=float, default=0.01)
-    parser.add_argument("--split-seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    x, _ = load_digits_arrays(args.image_size, "train", args.split_seed)
-    config = ncsnv2_config(x, args.steps_each, args.sigma_min)
-    for key, value in asdict(config).items():
-        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-    print("overrides: " + " ".join(config.overrides()))
-    return config
-
-
-if __name__ == "__main__":
-    main()
