@@ -157,7 +157,7 @@ def test_conditioning_on_time_and_the_linear_embedding():
     assert torch.equal(VESDE().noise_label(t), VESDE().std(t))
     with pytest.raises(ConfigError, match="conditioning"):
         VESDE(conditioning="index")
-    network = MLP(dim=2, hidden=8, depth=1, embed_dim=4, embedding="linear")
+    network = MLP(dim=2, hidden=8, depth=1, embed_dim=4, embedding="linear_time")
     torch.nn.init.normal_(network.out.weight)
     model = ScoreModel(network, process)
     x = torch.zeros(2, 2)

@@ -21,7 +21,7 @@ from torch import nn
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.utils import append_dims
 
-EMBEDDINGS = ("sinusoidal", "fourier", "linear")
+EMBEDDINGS = ("sinusoidal", "fourier", "linear_time")
 
 
 class NetworkConfigError(ConfigError, ValueError):
@@ -110,13 +110,13 @@ def noise_embedding(kind: str, dim: int) -> nn.Module:
 
     ``"sinusoidal"``: the label is a DDPM timestep index (float in [0, 1000]).
     ``"fourier"``: the label is a VE noise level sigma; its log is embedded with Fourier features.
-    ``"linear"``: a learned affine map of the label (t in [0, 1] with ``conditioning=time``).
+    ``"linear_time"``: a learned affine map of the label (t in [0, 1] with ``conditioning=time``).
     """
     if kind == "sinusoidal":
         return SinusoidalEmbedding(dim)
     if kind == "fourier":
         return LogSigmaFourierEmbedding(dim)
-    if kind == "linear":
+    if kind == "linear_time":
         return LinearEmbedding(dim)
     raise NetworkConfigError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
 

@@ -67,7 +67,7 @@ class UNet(nn.Module):
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attn_resolutions: feature-map sizes at which self-attention follows each residual block.
         dropout: dropout rate inside the residual blocks (0.1 in DDPM's CIFAR-10 model).
-        embedding: ``"sinusoidal"`` (DDPM), ``"fourier"`` (VE models) or ``"linear"`` (t itself).
+        embedding: ``"sinusoidal"`` (DDPM), ``"fourier"`` (VE models) or ``"linear_time"`` (t itself).
         out_channels: output channels; defaults to ``in_channels``.
     """
 
