@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.sde import SDE
+from diffusion_lab.processes.base import ForwardProcess
 
 TIME_SAMPLING = ("levels", "uniform")
 
 
 def sample_times(
-    process: SDE,
+    process: ForwardProcess,
     batch_size: int,
     device: torch.device,
     time_sampling: str = "levels",

@@ -36,7 +36,7 @@ class DenoisingScoreMatching:
         t = sample_times(process, x0.shape[0], x0.device, self.time_sampling, self.eps)
         noise = torch.randn_like(x0)
         xt = process.sample_marginal(x0, t, noise)
-        sigma = process.marginal_coefficients(t)[1]
+        sigma = process.std(t)
         score = model.score(xt, t)
         if self.weighting == "variance":
             residual = append_dims(sigma, x0.ndim) * score + noise

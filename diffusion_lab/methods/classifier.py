@@ -17,7 +17,7 @@ from torch import nn
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.methods.training import TrainingModule
-from diffusion_lab.processes.sde import SDE
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.utils import batch_time
 
 
@@ -29,7 +29,7 @@ class TimeDependentClassifier(nn.Module):
     process; a ``classifier(x, t)`` callable for ``guided_score``.
     """
 
-    def __init__(self, network: nn.Module, process: SDE) -> None:
+    def __init__(self, network: nn.Module, process: ForwardProcess) -> None:
         super().__init__()
         self.network = network
         self.process = process
@@ -59,7 +59,7 @@ class NoisyClassifierMethod(TrainingModule):
     def __init__(
         self,
         network: nn.Module,
-        process: SDE,
+        process: ForwardProcess,
         optimizer: Callable[..., torch.optim.Optimizer],
         data_range: Sequence[float] | None = (0.0, 1.0),
         model_range: Sequence[float] | None = (-1.0, 1.0),

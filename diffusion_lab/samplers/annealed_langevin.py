@@ -64,7 +64,7 @@ def _annealed_loop(
     if step_lr <= 0:
         raise ConfigError(f"sampler.step_lr must be > 0, got {step_lr}")
     times = level_grid(process, steps, "linspace")
-    sigmas = process.marginal_coefficients(times)[1].tolist()
+    sigmas = process.std(times).tolist()
     sigma_last = sigmas[-1]
     trajectory: list[torch.Tensor] | None = [] if return_trajectory else None
     # step_pairs yields (k, t, t_next); appending a dummy time visits every level once.

@@ -55,7 +55,7 @@ def ddim(
         t_b = batch_time(t, x.shape[0], x.device)
         t_prev = batch_time(t_next, x.shape[0], x.device)
         s = score(x, t_b)
-        _, sigma = process.marginal_coefficients(t_b)
+        sigma = process.std(t_b)
         alpha_prev, sigma_prev = process.marginal_coefficients(t_prev)
         eps_hat = -append_dims(sigma, x.ndim) * s
         x0_hat = process.denoise(x, t_b, s)
