@@ -208,3 +208,35 @@ def test_a_fitted_process_travels_in_the_checkpoint():
     assert torch.equal(
         restored.process.prior_sampling((4, 2), g1), trained.process.prior_sampling((4, 2), g2)
     )
+
+
+def test_training_fits_the_process_once_and_a_resume_restores_it(tmp_path):
+    import lightning as L
+
+    from diffusion_lab.data.toy2d import Toy2DDataModule
+    from diffusion_lab.losses.dsm import DenoisingScoreMatching
+
+    data = Toy2DDataModule(name="gmm8", n_train=300, n_val=50, n_test=50, batch_size=100)
+
+    def fit(steps, ckpt_path=None):
+        network = MLP(dim=2, hidden=8, depth=1, embed_dim=4, embedding="fourier")
+        method = DiffusionMethod(
+            network, _FittedMean(), DenoisingScoreMatching(), None,
+            functools.partial(torch.optim.Adam, lr=1e-3), "score", None, None, num_eval_samples=0,
+        )  # fmt: skip
+        fits = []
+        method.process.fit = lambda x, fit=method.process.fit: fits.append(fit(x))
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False)
+        trainer.fit(method, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        return trainer, method, len(fits)
+
+    trainer, method, fits = fit(2)
+    train_x = data.tensors("train")[0]
+    assert fits == 1
+    torch.testing.assert_close(method.process.data_mean, train_x.mean(0))
+    trainer.save_checkpoint(tmp_path / "fitted.ckpt")
+    checkpoint = torch.load(tmp_path / "fitted.ckpt", weights_only=True)
+    torch.testing.assert_close(checkpoint["state_dict"]["process.data_mean"], train_x.mean(0))
+    _, resumed, fits = fit(3, tmp_path / "fitted.ckpt")
+    assert fits == 0  # restored from the checkpoint, not fitted again
+    torch.testing.assert_close(resumed.process.data_mean, train_x.mean(0))
