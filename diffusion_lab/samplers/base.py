@@ -16,6 +16,7 @@ their own steps and take ``steps=None``.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -97,21 +98,26 @@ def check_sampler(sample: Callable[..., SampleResult], process: ForwardProcess) 
     fn = sample.func if isinstance(sample, functools.partial) else sample
     options = sample.keywords if isinstance(sample, functools.partial) else {}
     name = getattr(fn, "__name__", repr(fn))
-    for capability in sorted(getattr(fn, "requires", frozenset()) - process.provides):
+    missing = sorted(getattr(fn, "requires", frozenset()) - process.provides)
+    if missing:
         raise ConfigError(
-            f"sampler {name} needs a process that {CAPABILITIES[capability]}; "
+            f"sampler {name} needs a process that {CAPABILITIES[missing[0]]}; "
             f"{type(process).__name__} is not one: choose another sampler or process"
         )
-    steps = options.get("steps")
+    defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+    options = {**defaults, **options}
+    steps = options["steps"]
     grid = getattr(fn, "time_grid", None)
     if grid == "adaptive" and steps is not None:
         raise ConfigError(
             f"sampler {name} chooses its own steps (set its rtol / atol): leave sampler.steps null"
         )
     if grid == "levels":
-        level_grid(process, steps, options.get("spacing", "trailing"))
+        level_grid(process, steps, options.get("spacing", "linspace"))
     if grid == "continuous":
-        continuous_grid(1000 if steps is None else steps, options.get("eps", 1e-3))
+        if steps is None:
+            raise ConfigError(f"sampler {name} needs a number of steps: set sampler.steps")
+        continuous_grid(steps, options["eps"])
 
 
 def initial_state(
