@@ -74,3 +74,55 @@ def test_resume_on_the_default_config_is_exact(uninterrupted, tmp_path, where, d
     assert torch.equal(samples, torch.load(uninterrupted / "samples.pt", weights_only=True))
     assert logged_steps(tmp_path) == logged_steps(uninterrupted)  # rows before the kill kept
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """Disk full during torch.save: the temporary file is removed, last.ckpt kept, one error."""
+    from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
+    from diffusion_lab.errors import CheckpointError
+
+    io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    path.parent.mkdir()
+    io.save_checkpoint({"global_step": 1}, path)
+
+    def full_disk(obj, f, *args, **kwargs):  # half the file written, then the disk is full
+        (path.parent / ".last.ckpt.tmp").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as caught:
+        io.save_checkpoint({"global_step": 2}, path)
+    message = str(caught.value)
+    assert "No space left" in message and "previous one is kept" in message
+    assert "ckpt_path=last" in message and "\n" not in message
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_no_room_for_a_checkpoint_stops_before_training(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from diffusion_lab.callbacks.checkpoint import LastCheckpoint
+    from diffusion_lab.errors import CheckpointError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    network = torch.nn.Linear(100, 100)  # 10,100 float32: about 0.15 MiB with EMA and Adam
+    with pytest.raises(CheckpointError, match="MiB free but a checkpoint needs about 0.2 MiB"):
+        LastCheckpoint(tmp_path / "checkpoints").on_fit_start(None, network)
+
+
+def test_a_sampler_raising_mid_validation_saves_the_last_step_and_says_how_to_resume(tmp_path):
+    """The validation at the end of epoch 2 runs a sampler that raises: last.ckpt holds step 24
+    (the raw weights, EMA swapped back), and one line names it and the resume command."""
+    result = run(tmp_path, "trainer.max_steps=36", "trainer.check_val_every_n_epoch=2",
+                 "+trainer.limit_val_batches=1", "method.num_eval_samples=4",
+                 "sampler.eta=nan_is_not_a_number")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "diffusion_lab: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"hydra.run.dir={tmp_path} ckpt_path=last" in lines[0]
+    assert (tmp_path / "error.log").is_file()
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 24
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
