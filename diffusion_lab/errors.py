@@ -15,3 +15,11 @@ class DataError(DiffusionLabError):
 
 class TrainingDivergedError(DiffusionLabError):
     """A NaN or infinite loss."""
+
+
+class CheckpointError(DiffusionLabError):
+    """A checkpoint that cannot be written (a full disk, a folder without write permission)."""
+
+
+class TrainingFailedError(DiffusionLabError):
+    """An unexpected exception during training or validation (the traceback goes to a file)."""

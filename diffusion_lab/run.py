@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from diffusion_lab.build import (
     resolve_checkpoint,
 )
 from diffusion_lab.callbacks.images import save_samples_picture
-from diffusion_lab.errors import DiffusionLabError, TrainingDivergedError
+from diffusion_lab.errors import DiffusionLabError, TrainingDivergedError, TrainingFailedError
 from diffusion_lab.metrics.evaluator import SampleEvaluator
 
 log = logging.getLogger("diffusion_lab")
@@ -68,14 +69,33 @@ def one_line_errors() -> Iterator[None]:
 
 @contextmanager
 def naming_last_checkpoint(run_dir: Path) -> Iterator[None]:
-    """Add the run's last checkpoint (or "none written yet") to a divergence error: the method
-    says to resume with ckpt_path=last, but only the run knows its folder."""
+    """End a failed fit with one line naming the run's last checkpoint and how to resume.
+
+    A divergence error gets the checkpoint's path (the method says to resume, but only the run
+    knows its folder); any other exception in training or validation (e.g. a sampler raising)
+    becomes a ``TrainingFailedError`` line, its traceback written to ``<run_dir>/error.log``.
+    """
     try:
         yield
-    except TrainingDivergedError as exc:
-        path = last_checkpoint_path(run_dir)
-        where = str(path) if path.is_file() else "none written yet"
-        raise TrainingDivergedError(f"{exc} (last good checkpoint: {where})") from None
+    except DiffusionLabError as exc:
+        if not isinstance(exc, TrainingDivergedError):
+            raise
+        raise TrainingDivergedError(f"{exc} {resume_hint(run_dir)}") from None
+    except Exception as exc:
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise TrainingFailedError(
+            f"training stopped by {what} (traceback in {run_dir / 'error.log'}) "
+            f"{resume_hint(run_dir)}"
+        ) from None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The last good checkpoint (or "none written yet") and the command line to resume."""
+    path = last_checkpoint_path(run_dir)
+    if not path.is_file():
+        return "(last good checkpoint: none written yet)"
+    return f"(last good checkpoint: {path}: resume with hydra.run.dir={run_dir} ckpt_path=last)"
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -29,6 +29,22 @@ class WarmupEMA(WeightAveraging):
         self.decay = decay
         self.warmup = warmup
         super().__init__(use_buffers=False, avg_fn=self._average)
+        self.swapped = False  # the EMA weights are in the model (during a validation)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self.swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self.swapped = False
+
+    def restore_training_weights(self, pl_module) -> None:
+        """Put the trained weights back if a validation stopped with the EMA ones swapped in,
+        so a checkpoint written on that exception holds the right weights in each slot."""
+        if self.swapped:
+            self._swap_models(pl_module)
+            self.swapped = False
 
     def _average(
         self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor

@@ -64,6 +64,21 @@ class TrainingModule(L.LightningModule):
                 "check the data; resume from the last good checkpoint with ckpt_path=last"
             )
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """Skip a batch past the end of the epoch (-1 ends the epoch), which Lightning 2.6 draws
+        when it resumes from a checkpoint written at an epoch end where no validation was due
+        (``trainer=cpu`` validates every 40 epochs). With ``max_steps`` set, its fit loop always
+        restarts "on epoch end" and its epoch loop, waiting for a validation that never comes,
+        fetches one more batch (index ``num_training_batches``, from the next epoch's
+        permutation) and trains on it: the batch was trained twice, every later epoch shifted by
+        one step and the noise stream by one draw, so the resumed weights differed (issue 9).
+        Lightning still steps the LR scheduler for the skipped batch: see the warm-up below.
+        With a validation due, Lightning skips that batch itself, which is why a tiny config
+        with validation every epoch resumed exactly."""
+        if batch_idx >= self.trainer.num_training_batches:
+            return -1
+        return None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the global RNG state (noise and time draws), so resuming is exact."""
         checkpoint["torch_rng_state"] = torch.get_rng_state()
@@ -76,8 +91,12 @@ class TrainingModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.model.network.parameters())
         warmup = self.warmup_steps
 
-        def warmup_factor(step: int) -> float:
-            return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+        def warmup_factor(_: int) -> float:
+            """(k + 1) / warmup at optimizer step k, read from the trainer's optimizer-step count,
+            not from the scheduler's own counter: Lightning also steps the scheduler for the
+            batch that :meth:`on_train_batch_start` skips on resume, which put the resumed
+            learning rate one step ahead (issue 9)."""
+            return 1.0 if warmup == 0 else min(1.0, (self.global_step + 1) / warmup)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)
         return {
