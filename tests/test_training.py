@@ -44,3 +44,47 @@ def test_divergence_names_the_step_and_the_last_checkpoint(tmp_path):
     with pytest.raises(TrainingDivergedError, match="last good checkpoint: .*last.ckpt"):
         with naming_last_checkpoint(tmp_path):
             m.check_finite(torch.tensor(float("inf")))
+
+
+def test_validation_samples_are_drawn_with_the_ema_weights(tmp_path):
+    import functools
+
+    import lightning as L
+
+    from diffusion_lab.callbacks.ema import WarmupEMA
+    from diffusion_lab.data.toy2d import Toy2DDataModule
+    from diffusion_lab.losses.dsm import DenoisingScoreMatching
+    from diffusion_lab.methods.base import DiffusionMethod
+    from diffusion_lab.networks.mlp import MLP
+    from diffusion_lab.processes.sde import VESDE
+    from diffusion_lab.samplers.ddim import ddim
+
+    data = Toy2DDataModule(name="gmm8", n_train=200, n_val=50, n_test=50, batch_size=50)
+    network = MLP(dim=2, hidden=8, depth=1, embed_dim=4, embedding="fourier")
+    method = DiffusionMethod(
+        network, VESDE(sigma_max=5.0, num_steps=10), DenoisingScoreMatching(),
+        functools.partial(ddim, steps=3, progress=False),
+        functools.partial(torch.optim.Adam, lr=1e-2), "score", None, None, num_eval_samples=4,
+    )  # fmt: skip
+    ema = WarmupEMA(decay=0.5)
+    raw, seen = [], []
+
+    class RecordRaw(L.Callback):  # after the EMA update of each step: the raw weights
+        def on_train_batch_end(self, *args):
+            raw.append(network.out.weight.detach().clone())
+
+    def generate(num_samples, *args, **kwargs):
+        seen.append((network.out.weight.detach().clone(), raw[-1]))
+        return torch.zeros(num_samples, 2), 0
+
+    method.generate = generate
+    trainer = L.Trainer(
+        max_steps=8, logger=False, enable_checkpointing=False, callbacks=[ema, RecordRaw()],
+        num_sanity_val_steps=0, enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(method, datamodule=data)
+    assert len(seen) == 2  # one validation per epoch of 4 steps
+    for during_validation, raw_weights in seen:
+        assert not torch.equal(during_validation, raw_weights)  # the averaged ones were in
+    ema_weights = ema._average_model.module.model.network.out.weight
+    assert torch.equal(seen[-1][0], ema_weights)  # exactly the EMA (copied in at the end)

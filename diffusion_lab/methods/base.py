@@ -98,7 +98,13 @@ class DiffusionMethod(TrainingModule):
         self.log("val/loss", loss, on_epoch=True, sync_dist=True)
         return loss
 
-    def on_validation_epoch_end(self) -> None:
+    def on_validation_epoch_start(self) -> None:
+        """Sample and score with the EMA weights. Lightning runs the callbacks' epoch hooks
+        before the module's: at this epoch's start the EMA callback has already swapped the
+        averaged weights in, while at its end it has already swapped them out again (sampling
+        there used the raw weights, PITFALLS: FID 8.06 against 3.21), and the sample-grid and
+        curve callbacks, which read ``last_samples`` and the metrics at the epoch end, saw the
+        previous validation's."""
         if self.num_eval_samples == 0 or self.trainer.sanity_checking:
             return
         samples, nfe = self.generate(self.num_eval_samples)
