@@ -11,6 +11,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
+from diffusion_lab.callbacks.ranks import RankRegistry
 from diffusion_lab.errors import ConfigError, DiffusionLabError
 from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.metrics.evaluator import SampleEvaluator
@@ -77,7 +78,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         return L.Trainer(
             **OmegaConf.to_container(cfg.trainer, resolve=True),
             logger=loggers or False,
-            callbacks=callbacks,
+            callbacks=[*callbacks, RankRegistry(Path(cfg.run_dir) / "ranks")],
             plugins=[AtomicCheckpointIO()],
             default_root_dir=cfg.run_dir,
         )

@@ -28,6 +28,7 @@ from diffusion_lab.build import (
     resolve_checkpoint,
 )
 from diffusion_lab.callbacks.images import save_samples_picture
+from diffusion_lab.callbacks.ranks import dead_ranks
 from diffusion_lab.errors import DiffusionLabError, TrainingDivergedError, TrainingFailedError
 from diffusion_lab.metrics.evaluator import SampleEvaluator
 
@@ -83,10 +84,14 @@ def naming_last_checkpoint(run_dir: Path) -> Iterator[None]:
         raise TrainingDivergedError(f"{exc} {resume_hint(run_dir)}") from None
     except Exception as exc:
         (run_dir / "error.log").write_text(traceback.format_exc())
-        what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        what = f"by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        gone = dead_ranks(run_dir / "ranks")
+        if gone:
+            what = "on every rank: " + ", ".join(
+                f"rank {rank} of {size} (pid {pid}) died or was killed" for rank, size, pid in gone
+            )
         raise TrainingFailedError(
-            f"training stopped by {what} (traceback in {run_dir / 'error.log'}) "
-            f"{resume_hint(run_dir)}"
+            f"training stopped {what} (traceback in {run_dir / 'error.log'}) {resume_hint(run_dir)}"
         ) from None
 
 

@@ -151,3 +151,29 @@ def test_multirun_sweep_with_the_basic_launcher(tmp_path):
     nfes = sorted(json.loads((tmp_path / str(k) / "final_metrics.json").read_text())["nfe"]
                   for k in (0, 1))  # fmt: skip
     assert nfes == [2, 3]
+
+
+def test_a_dead_ddp_rank_is_named_by_the_survivor(tmp_path):
+    """SIGKILL rank 1 of a 2-process DDP run once training started: rank 0 ends with one line
+    naming rank 1 and its pid, and the last checkpoint survives."""
+    command = [sys.executable, "-m", "diffusion_lab.run", *TINY, "trainer=ddp",
+               "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2000",
+               f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env=os.environ.copy())  # fmt: skip
+    deadline = time.time() + 300
+    registry = tmp_path / "ranks"
+    while time.time() < deadline and process.poll() is None:
+        ranks = list(registry.glob("*/1.pid"))
+        if ranks and (tmp_path / "checkpoints" / "last.ckpt").is_file():
+            break
+        time.sleep(0.1)
+    pid = int(ranks[0].read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "diffusion_lab: error:" in line]
+    assert len(errors) == 1, stderr[-3000:]
+    assert f"rank 1 of 2 (pid {pid}) died or was killed" in errors[0]
+    assert "ckpt_path=last" in errors[0]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0
