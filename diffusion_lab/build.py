@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -105,3 +107,51 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None
             "ckpt_path=last, or give ckpt_path=<file>"
         )
     return str(path)
+
+
+def load_safely(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, never more: a file that holds anything beyond
+    tensors and plain values (code, in a malicious pickle) or is no torch file is a ConfigError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"{path} holds objects other than tensors and plain values (possibly code) and was not "
+            "loaded: use a file that diffusion_lab wrote, from a source you trust"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path} is not a readable torch file ({reason}): give another") from None
+
+
+def load_checkpoint(path: str | Path, method: L.LightningModule) -> dict[str, Any]:
+    """The checkpoint at ``path`` (see :func:`load_safely`), checked to fit ``method``: the same
+    method and process families as recorded in its run config, the same keys and shapes."""
+    checkpoint = load_safely(path)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {path} has no state_dict: give a Lightning checkpoint")
+    fix = "give the overrides it was trained with"
+    trained = checkpoint.get("hyper_parameters", {}).get("run_config", {})
+    for group in ("method", "process"):
+        theirs = (trained.get(group) or {}).get("_target_")
+        ours = method.hparams.get("run_config", {}).get(group, {}).get("_target_")
+        if theirs and ours and theirs != ours:
+            raise ConfigError(
+                f"checkpoint {path} was trained with {group} {theirs}, this run has {ours}: {fix}"
+            )
+    expected = method.state_dict()
+    for key in [*expected, *(k for k in state if k not in expected)]:
+        if key not in state or key not in expected:
+            where = "this run's model" if key in expected else "the checkpoint"
+            raise ConfigError(
+                f"checkpoint {path} does not fit this run: only {where} has {key} (trained with "
+                f"another method or network: {fix})"
+            )
+        if state[key].shape != expected[key].shape:
+            raise ConfigError(
+                f"checkpoint {path} does not fit this run: {key} is {list(state[key].shape)} there "
+                f"and {list(expected[key].shape)} here (trained with another network / "
+                f"network.base_channels: {fix})"
+            )
+    return checkpoint

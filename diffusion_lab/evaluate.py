@@ -10,11 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-from diffusion_lab.build import build_datamodule
+from diffusion_lab.build import build_datamodule, load_safely
 from diffusion_lab.metrics.evaluator import SampleEvaluator
+from diffusion_lab.run import one_line_errors
+from diffusion_lab.schema import check_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,10 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
-    datamodule, metrics = build_datamodule(cfg)
-    samples = torch.load(args.run_dir / "samples.pt", weights_only=True)
-    print(json.dumps(SampleEvaluator(metrics)(samples, datamodule), indent=2))
+    with one_line_errors():
+        cfg = OmegaConf.load(args.run_dir / "config.yaml")
+        check_config(cfg)
+        datamodule, metrics = build_datamodule(cfg)
+        samples = load_safely(args.run_dir / "samples.pt")
+        print(json.dumps(SampleEvaluator(metrics)(samples, datamodule), indent=2))
 
 
 if __name__ == "__main__":

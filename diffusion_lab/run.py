@@ -25,12 +25,14 @@ from diffusion_lab.build import (
     build_method,
     build_trainer,
     last_checkpoint_path,
+    load_checkpoint,
     resolve_checkpoint,
 )
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.callbacks.ranks import dead_ranks
 from diffusion_lab.errors import DiffusionLabError, TrainingDivergedError, TrainingFailedError
 from diffusion_lab.metrics.evaluator import SampleEvaluator
+from diffusion_lab.schema import check_config, check_overrides
 
 log = logging.getLogger("diffusion_lab")
 
@@ -105,6 +107,7 @@ def resume_hint(run_dir: Path) -> str:
 
 def train(cfg: DictConfig) -> float | None:
     """Fit, then sample with the final (EMA) weights and score the samples."""
+    check_config(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     datamodule, metrics = build_datamodule(cfg)
@@ -114,6 +117,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")  # a missing or corrupt data set stops the run here, before training
     method = build_method(cfg, metrics)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    if ckpt_path is not None:
+        load_checkpoint(ckpt_path, method)  # safe to load, and fits this run's model
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -165,4 +170,6 @@ def finish_wandb() -> None:
 
 
 if __name__ == "__main__":
+    with one_line_errors():  # every job's config, before Hydra starts any
+        check_overrides(sys.argv[1:], config_dir())
     main()

@@ -13,29 +13,29 @@ from pathlib import Path
 
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from diffusion_lab.build import build_datamodule, build_method
+from diffusion_lab.build import build_datamodule, build_method, load_checkpoint
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.run import config_dir, one_line_errors
+from diffusion_lab.schema import check_config, compose_config
 
 
 def load_run(run_dir: Path, overrides: list[str]):
     """The run's method with its trained weights, and its DataModule."""
     recorded = run_dir / ".hydra" / "overrides.yaml"
     saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else []
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[*saved, *overrides])
+    cfg = compose_config(config_dir(), [*saved, *overrides])
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
+    check_config(cfg)
     datamodule, metrics = build_datamodule(cfg)
     method = build_method(cfg, metrics)
     checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint_path.is_file():
         raise ConfigError(f"no checkpoint at {checkpoint_path}: train the run first")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path, method)
     method.load_state_dict(checkpoint["state_dict"])  # the EMA weights when EMA was on
     return cfg, method, datamodule
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sampler=pc")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--evaluate", action="store_true", help="also score the samples")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     with one_line_errors():
         cfg, method, datamodule = load_run(args.run_dir, args.overrides)
         shape = datamodule.data_shape

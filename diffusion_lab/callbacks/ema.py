@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
-from diffusion_lab.errors import ConfigError
+from diffusion_lab.config_types import OpenUnitFloat
 
 
 def warmup_ema_decay(decay: float, num_averaged: int) -> float:
@@ -23,9 +23,7 @@ class WarmupEMA(WeightAveraging):
     them into the model when training ends, and saves both in checkpoints.
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = True) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ConfigError(f"ema decay must lie in (0, 1), got {decay}")
+    def __init__(self, decay: OpenUnitFloat = 0.9999, warmup: bool = True) -> None:
         self.decay = decay
         self.warmup = warmup
         super().__init__(use_buffers=False, avg_fn=self._average)

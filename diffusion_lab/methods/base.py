@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_lab.errors import ConfigError
+from diffusion_lab.config_types import NonNegativeInt
 from diffusion_lab.methods.training import TrainingModule
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import SampleResult
@@ -46,15 +46,13 @@ class DiffusionMethod(TrainingModule):
         data_range: Sequence[float] | None = (0.0, 1.0),
         model_range: Sequence[float] | None = (-1.0, 1.0),
         warmup_steps: int = 0,
-        num_eval_samples: int = 256,
+        num_eval_samples: NonNegativeInt = 256,
         sample_seed: int = 0,
         dequantize: bool = False,
         evaluator: Evaluator | None = None,
         run_config: dict | None = None,
     ) -> None:
         super().__init__(optimizer, data_range, model_range, warmup_steps, run_config)
-        if num_eval_samples < 0:
-            raise ConfigError(f"method.num_eval_samples must be >= 0, got {num_eval_samples}")
         self.model = ScoreModel(network, process, parameterization)
         self.process = process
         self.loss_fn = loss

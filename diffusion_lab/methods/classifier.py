@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.errors import ConfigError
+from diffusion_lab.config_types import OpenUnitFloat
 from diffusion_lab.methods.training import TrainingModule
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.utils import batch_time
@@ -63,7 +63,7 @@ class NoisyClassifierMethod(TrainingModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         data_range: Sequence[float] | None = (0.0, 1.0),
         model_range: Sequence[float] | None = (-1.0, 1.0),
-        eps: float = 1e-5,
+        eps: OpenUnitFloat = 1e-5,
         warmup_steps: int = 0,
         sample_seed: int = 0,
         run_config: dict | None = None,
@@ -72,8 +72,6 @@ class NoisyClassifierMethod(TrainingModule):
         evaluator: Any = None,
     ) -> None:
         super().__init__(optimizer, data_range, model_range, warmup_steps, run_config)
-        if not 0.0 < eps < 1.0:
-            raise ConfigError(f"method.eps must lie in (0, 1), got {eps}")
         self.model = TimeDependentClassifier(network, process)
         self.process = process
         self.eps = eps

@@ -1,0 +1,222 @@
+"""The config's schema, derived from what it builds: every node with a ``_target_`` is checked
+against the type hints of that target's signature (ranges as ``config_types`` aliases), the
+trainer against ``lightning.Trainer``'s and the root keys against :class:`Run`, with pydantic.
+
+Values are checked as the JSON they are (strict: no string is a number, no float an int), before
+anything is built; a ConfigError names the full key. A misspelt key gets a "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import cache
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from diffusion_lab.config_types import (
+    BatchLimit,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    StepLimit,
+    UnitFloat,
+)
+from diffusion_lab.errors import ConfigError
+
+
+@dataclass
+class Run:
+    """The root config's own keys (the rest are its groups)."""
+
+    seed: int
+    final_samples: NonNegativeInt
+    ckpt_path: str | None
+    run_dir: str
+
+
+#: Ranges of third-party targets' numeric arguments, on top of the types their signatures give.
+THIRD_PARTY: dict[Any, dict[str, Any]] = {
+    L.Trainer: {
+        "max_steps": StepLimit,
+        "max_epochs": StepLimit | None,
+        "min_steps": NonNegativeInt | None,
+        "min_epochs": NonNegativeInt | None,
+        "num_nodes": PositiveInt,
+        "check_val_every_n_epoch": PositiveInt | None,
+        "val_check_interval": BatchLimit | None,
+        "log_every_n_steps": PositiveInt | None,
+        "num_sanity_val_steps": StepLimit | None,
+        "accumulate_grad_batches": PositiveInt,
+        "gradient_clip_val": NonNegativeFloat | None,
+        "limit_train_batches": BatchLimit | None,
+        "limit_val_batches": BatchLimit | None,
+        "limit_test_batches": BatchLimit | None,
+        "limit_predict_batches": BatchLimit | None,
+    },
+    # lr keeps torch's own range check, whose message names the learning rate
+    torch.optim.Adam: {
+        "betas": tuple[UnitFloat, UnitFloat],
+        "eps": NonNegativeFloat,
+        "weight_decay": NonNegativeFloat,
+    },
+}
+#: Keys the run reads itself rather than passing them to the target.
+READ_BY_RUN = {"data.metrics"}
+_STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
+
+
+@cache
+def parameters(target: Callable) -> tuple[dict[str, Any], bool]:
+    """The annotated parameters of ``target`` (a class: its ``__init__``) and whether it takes
+    ``**kwargs``."""
+    function = inspect.unwrap(target.__init__ if inspect.isclass(target) else target)
+    signature = inspect.signature(function)
+    hints: dict[str, Any] = {}
+    for name, hint in function.__annotations__.items():  # one by one: a hint that names a type
+        holder = SimpleNamespace(__annotations__={name: hint})  # known only to type checkers is Any
+        with suppress(NameError):
+            hints |= typing.get_type_hints(holder, function.__globals__, include_extras=True)
+    names = [
+        p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    annotations = {p.name: hints.get(p.name, Any) for p in names if p.name != "self"}
+    annotations.update(THIRD_PARTY.get(target, {}))
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    return annotations, takes_kwargs
+
+
+def did_you_mean(node: str, key: str, known: Iterable[str]) -> str:
+    """``<node> has no key <key>: did you mean <node>.<closest>?`` (or the keys it has)."""
+    where = node or "the config"
+    prefix = f"{node}." if node else ""
+    known = [k for k in known if not k.startswith("_")]  # not Hydra's _target_, ...
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"its keys are {', '.join(known)}"
+    return f"{where} has no key {key}: {hint}"
+
+
+def check_value(key: str, value: Any, annotation: Any) -> None:
+    """A ConfigError unless ``value`` (as its JSON) fits ``annotation``."""
+    try:
+        TypeAdapter(annotation, config=_STRICT).validate_json(json.dumps(value), strict=True)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        error = next((e for e in errors if "instance" not in e["type"]), errors[0])
+        raise ConfigError(f"{key} {describe(error)}, got {value!r}") from None
+
+
+def describe(error: Mapping[str, Any]) -> str:
+    """pydantic's complaint as "must be ..."."""
+    ctx = error.get("ctx", {})
+    for bound, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if bound in ctx:
+            return f"must be {sign} {ctx[bound]}"
+    return error["msg"].replace("Input should be", "must be")
+
+
+def check_node(key: str, values: Mapping[str, Any], target: Callable) -> None:
+    """The keys and values of one node against ``target``'s signature."""
+    annotations, takes_kwargs = parameters(target)
+    for name, value in values.items():
+        full_key = f"{key}.{name}" if key else name
+        if name.startswith("_") and name.endswith("_") or full_key in READ_BY_RUN:
+            continue  # Hydra's _target_, _partial_, ...
+        if name not in annotations:
+            if not takes_kwargs:
+                raise ConfigError(did_you_mean(key, name, annotations))
+        elif not (isinstance(value, Mapping) and "_target_" in value):  # built, then passed
+            check_value(full_key, value, annotations[name])
+
+
+def check_tree(key: str, value: Any) -> None:
+    """Every node with a ``_target_`` in ``value``, at any depth."""
+    if isinstance(value, Mapping):
+        if "_target_" in value:
+            check_node(key, value, get_object(value["_target_"]))
+        for name, child in value.items():
+            check_tree(f"{key}.{name}" if key else name, child)
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            check_tree(f"{key}[{i}]", child)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The whole composed config against the schema: a ConfigError on the first problem."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    own = {k: v for k, v in tree.items() if not isinstance(v, Mapping) and v is not None}
+    check_node("", own, Run)
+    check_node("trainer", tree.get("trainer") or {}, L.Trainer)
+    check_tree("", tree)
+
+
+def compose_config(
+    config_dir: str, overrides: list[str], config_name: str = "config"
+) -> DictConfig:
+    """Hydra's ``compose``, with a misspelt key or group option as a ConfigError that says
+    what was meant (Hydra itself suggests adding the typo with ``+``)."""
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        try:
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        except MissingConfigException as exc:
+            group, _, option = (exc.missing_cfg_file or "").rpartition("/")
+            if not exc.options or not group:
+                raise
+            close = difflib.get_close_matches(option, exc.options, n=1)
+            hint = (
+                f"did you mean {group}={close[0]}?"
+                if close
+                else f"use one of {', '.join(exc.options)}"
+            )
+            raise ConfigError(f"{group} has no option {option}: {hint}") from None
+        except ConfigCompositionException as exc:
+            cause = exc.__cause__
+            missing = isinstance(cause, (ConfigAttributeError, ConfigKeyError))
+            if not missing or not isinstance(cause.parent_node, DictConfig):
+                raise
+            node = (cause.full_key or "").rpartition(".")[0]
+            raise ConfigError(did_you_mean(node, cause.key, cause.parent_node.keys())) from None
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+def check_overrides(argv: list[str], config_dir: str) -> None:
+    """Compose and check what ``python -m diffusion_lab.run argv`` will run (every job of a -m
+    sweep) before Hydra starts, so that a misspelt key or a bad value in any job stops the run
+    with one line. Whatever else Hydra refuses, Hydra reports."""
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.cfg or args.config_path or args.config_dir:
+        return
+    try:
+        if args.multirun:
+            parsed = OverridesParser.create().parse_overrides(args.overrides)
+            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        else:
+            jobs = [args.overrides]
+        configs = [compose_config(config_dir, job, args.config_name or "config") for job in jobs]
+    except HydraException:
+        return
+    for cfg in configs:
+        with open_dict(cfg):
+            cfg.run_dir = ""  # Hydra's output folder, known only once the job runs
+        check_config(cfg)
