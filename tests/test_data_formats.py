@@ -243,7 +243,7 @@ def test_cifar10_corrupt_and_missing(tmp_path: Path) -> None:
 
 
 def test_cifar10_download_extracts_verified_archive(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_cifar(tmp_path / "src")
     buf = io.BytesIO()
@@ -253,7 +253,10 @@ def test_cifar10_download_extracts_verified_archive(
     monkeypatch.setattr(formats, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
     monkeypatch.setattr(urllib.request, "urlopen", _fake_urlopen({".tar.gz": archive}))
     dm = CIFAR10DataModule(root=str(tmp_path / "dl"), download=True)
-    dm.prepare_data()
+    with caplog.at_level(logging.INFO, logger="diffusion_lab"):
+        dm.prepare_data()
+    assert f"downloading {formats.CIFAR10_URL} to {tmp_path / 'dl'}" in caplog.text
+    assert "extracting" in caplog.text
     assert formats.cifar10_available(tmp_path / "dl") and len(dm.dataset("train")) == 10
     assert formats.CIFAR10_URL.startswith("https://www.cs.toronto.edu/")
 
