@@ -34,7 +34,9 @@ def report_bad_files(bad: Sequence[str], total: int, on_bad_file: str, where: Pa
         return
     more = f" ({len(bad) - 1} more unreadable of the {total})" if len(bad) > 1 else ""
     if on_bad_file == "error":
-        raise DataError(f"{bad[0]}{more}, or set data.on_bad_file=skip to leave them out")
+        raise DataError(
+            f"{bad[0]}{more}, or set data.on_bad_file=skip to train without unreadable files"
+        )
     if len(bad) == total:
         raise DataError(f"none of the {total} images in {where} can be read; first: {bad[0]}")
     log.warning(
