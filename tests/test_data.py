@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,21 @@ def test_image_folder_missing_or_empty_names_the_folder(tmp_path: Path) -> None:
     (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match="broken.png"):
         ImageFolderDataModule(str(tmp_path / "bad")).setup()
+
+
+def test_image_folder_bad_file_policy(tmp_path: Path, caplog) -> None:
+    _write_images(tmp_path, 3)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png.*replace or delete.*on_bad_file=skip"):
+        ImageFolderDataModule(str(tmp_path)).setup()
+    dm = ImageFolderDataModule(str(tmp_path), image_size=10, on_bad_file="skip")
+    with caplog.at_level(logging.WARNING, logger="diffusion_lab"):
+        x, _ = dm.tensors("train")
+    assert x.shape == (3, 3, 10, 10) and "left out 1 unreadable image file(s) of 4" in caplog.text
+    for f in tmp_path.glob("img_*.png"):
+        f.write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 4 images"):
+        ImageFolderDataModule(str(tmp_path), on_bad_file="skip").setup()
 
 
 # ----------------------------------------------------------------------------- configs

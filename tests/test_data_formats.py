@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import pickle
 import struct
 import tarfile
@@ -16,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lab.data import formats
+from diffusion_lab.data import formats, real
 from diffusion_lab.data.real import (
     CelebADataModule,
     CIFAR10DataModule,
     ImageNetDataModule,
     MNISTDataModule,
 )
-from diffusion_lab.errors import DataError
+from diffusion_lab.errors import ConfigError, DataError
 
 
 # ----------------------------------------------------------------------------- writers
@@ -242,7 +243,7 @@ def test_cifar10_corrupt_and_missing(tmp_path: Path) -> None:
 
 
 def test_cifar10_download_extracts_verified_archive(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_cifar(tmp_path / "src")
     buf = io.BytesIO()
@@ -252,7 +253,10 @@ def test_cifar10_download_extracts_verified_archive(
     monkeypatch.setattr(formats, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
     monkeypatch.setattr(urllib.request, "urlopen", _fake_urlopen({".tar.gz": archive}))
     dm = CIFAR10DataModule(root=str(tmp_path / "dl"), download=True)
-    dm.prepare_data()
+    with caplog.at_level(logging.INFO, logger="diffusion_lab"):
+        dm.prepare_data()
+    assert f"downloading {formats.CIFAR10_URL} to {tmp_path / 'dl'}" in caplog.text
+    assert "extracting" in caplog.text
     assert formats.cifar10_available(tmp_path / "dl") and len(dm.dataset("train")) == 10
     assert formats.CIFAR10_URL.startswith("https://www.cs.toronto.edu/")
 
@@ -285,6 +289,43 @@ def test_celeba_missing_and_corrupt(tmp_path: Path) -> None:
         CelebADataModule(root=str(tmp_path)).setup()
 
 
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every file the setup check of a file-backed set decodes."""
+    reads: list[Path] = []
+
+    def counting(path, *args):
+        reads.append(Path(path))
+        return real_load_image(path, *args)
+
+    real_load_image = real.load_image
+    monkeypatch.setattr(real, "load_image", counting)
+    return reads
+
+
+def test_celeba_corrupt_jpeg_stops_at_setup(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path / "cache"))
+    paths = write_celeba(tmp_path)
+    paths[1].write_bytes(paths[1].read_bytes()[:3000])  # a truncated JPEG of the train split
+    reads = _count_reads(monkeypatch)
+    with pytest.raises(DataError, match=r"000002\.jpg .*truncated.*data\.on_bad_file=skip"):
+        CelebADataModule(root=str(tmp_path)).setup()
+    assert sorted(reads) == sorted(paths)  # every file decoded once, at setup
+    reads.clear()
+    with pytest.raises(DataError, match=r"000002\.jpg"):  # the cached verdict, nothing decoded
+        CelebADataModule(root=str(tmp_path)).setup()
+    skip = CelebADataModule(root=str(tmp_path), on_bad_file="skip")
+    with caplog.at_level(logging.WARNING, logger="diffusion_lab"):
+        skip.setup()
+    assert reads == [] and "left out 1 unreadable image file(s) of 5" in caplog.text
+    assert [len(skip.dataset(s)) for s in ("train", "val", "test")] == [1, 1, 2]
+    assert str(skip.dataset("train").paths[0]).endswith("000001.jpg")
+    write_jpeg(paths[1], (178, 218), 1)  # replaced: checked again, alone
+    CelebADataModule(root=str(tmp_path)).setup()
+    assert reads == [paths[1]]
+    with pytest.raises(ConfigError, match="on_bad_file='ignore'.*error, skip"):
+        CelebADataModule(root=str(tmp_path), on_bad_file="ignore")
+
+
 # ----------------------------------------------------------------------------- ImageNet
 def test_imagenet_class_folders(tmp_path: Path) -> None:
     write_imagenet(tmp_path)
@@ -312,3 +353,13 @@ def test_imagenet_missing_and_mismatched_classes(tmp_path: Path) -> None:
     write_jpeg(tmp_path / "val" / "n99999999" / "x.JPEG", (20, 20), 0)
     with pytest.raises(DataError, match="n99999999"):
         ImageNetDataModule(root=str(tmp_path)).prepare_data()
+
+
+def test_imagenet_unreadable_file_stops_at_setup_or_is_skipped(tmp_path: Path) -> None:
+    write_imagenet(tmp_path)
+    bad = tmp_path / "val" / "n01443537" / "n01443537_0.JPEG"
+    bad.write_bytes(b"\xff\xd8 not a JPEG")
+    with pytest.raises(DataError, match="n01443537_0.JPEG"):
+        ImageNetDataModule(root=str(tmp_path)).setup()
+    dm = ImageNetDataModule(root=str(tmp_path), on_bad_file="skip")
+    assert len(dm.dataset("train")) == 6 and dm.dataset("val").labels.tolist() == [0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
+from diffusion_lab.cache import cache_dir
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics import digits_classifier as dc
 from diffusion_lab.metrics.coverage import class_coverage, plot_class_histogram
@@ -144,6 +146,37 @@ def test_digits_classifier_cache(classifier: dc.DigitsClassifier, tmp_path) -> N
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning, match="retraining"):
         assert dc._load_cached(corrupt) is None
+
+
+def test_digits_classifier_first_use_says_so_then_loads(tmp_path, monkeypatch, caplog) -> None:
+    trained: list[int] = []
+
+    def fake_train(seed: int = 0) -> dc.DigitsClassifier:
+        trained.append(seed)
+        return dc._freeze(dc.DigitsClassifier())
+
+    monkeypatch.setattr(dc, "train_digits_classifier", fake_train)
+    monkeypatch.delenv("DIFFUSION_LAB_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh account: the documented default folder
+    assert cache_dir() == tmp_path / ".cache" / "diffusion_lab"
+    monkeypatch.setattr(dc, "_LOADED", {})
+    with caplog.at_level(logging.INFO, logger="diffusion_lab"):
+        first = dc.get_digits_classifier()
+    path = tmp_path / ".cache" / "diffusion_lab" / dc.CACHE_NAME
+    assert trained == [0] and path.is_file()
+    assert "training the digits classifier" in caplog.text and str(path) in caplog.text
+    monkeypatch.setattr(dc, "_LOADED", {})  # the next run: nothing in memory, the file on disk
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="diffusion_lab"):
+        second = dc.get_digits_classifier()
+    assert trained == [0] and "training" not in caplog.text
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(first(x), second(x))
+
+
+def test_digits_classifier_training_shows_progress(capsys) -> None:
+    dc.train_digits_classifier(epochs=1)
+    assert "training the digits classifier" in capsys.readouterr().err
 
 
 # --- FID / KID ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffusion_lab.errors import ConfigError, DataError
@@ -25,6 +25,10 @@ from diffusion_lab.errors import ConfigError, DataError
 SPLITS = ("train", "val", "test")
 # ITU-R 601 luma, as PIL's convert("L") uses.
 _LUMA = (0.299, 0.587, 0.114)
+# Modes with samples wider than 8 bits -> their full scale. 16-bit unsigned by 65535; "I" (32-bit
+# signed) holds 16-bit data in practice (Pillow's convert("I") of I;16, some TIFF writers) and is
+# read the same way; "F" (32-bit float) is taken to be in [0, 1]. Other values are refused.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1}
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -149,11 +153,60 @@ def center_crop_resize(img: Image.Image, size: int, crop: int | None = None) -> 
     return img
 
 
-def pil_to_uint8(img: Image.Image, channels: int) -> torch.Tensor:
-    """A PIL image as a uint8 tensor (channels, H, W), converted to gray (1) or RGB (3)."""
-    arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    t = torch.from_numpy(arr.copy())
-    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+def standard_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode as 8-bit "L" / "RGB" (``channels`` 1 / 3), or as "F" in [0, 1] if wider.
+
+    Samples wider than 8 bits (see :data:`WIDE_MODES`) become floats divided by their full scale;
+    transparency (RGBA, LA, PA, palette or colour-key transparency) is composited on white, as the
+    image shows on a page; palette, bilevel ("1"), CMYK and YCbCr go through PIL's conversion. A
+    ValueError says why an image cannot be converted (e.g. "F" samples outside [0, 1]).
+    """
+    if img.mode in WIDE_MODES:
+        full = WIDE_MODES[img.mode]
+        arr = np.asarray(img, dtype=np.float32)
+        if not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= full):
+            raise ValueError(
+                f"mode {img.mode} samples span [{arr.min():g}, {arr.max():g}], outside [0, {full:g}]; "
+                "save the image as 8- or 16-bit"
+            )
+        return Image.fromarray(arr / full)
+    if img.has_transparency_data:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def image_tensor(
+    img: Image.Image, channels: int, size: int | None = None, crop: int | None = None
+) -> torch.Tensor:
+    """Any PIL image -> float32 (channels, H, W) in [0, 1]: the one image conversion.
+
+    :func:`standard_mode`, then (``size`` given) :func:`center_crop_resize`; 8-bit samples are
+    divided by 255, gray repeated to 3 channels where ``channels`` is 3.
+    """
+    img = standard_mode(img, channels)
+    if size is not None:
+        img = center_crop_resize(img, size, crop)
+    t = to_float_images(torch.from_numpy(np.array(img))).clamp_(0.0, 1.0)  # bicubic overshoots F
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    return convert_channels(t.contiguous(), channels)
+
+
+def load_image(path: str | Path, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
+    """Read one image file -> float32 (channels, size, size) in [0, 1] by :func:`image_tensor`.
+
+    The EXIF orientation is applied first. An unreadable, truncated or unconvertible file raises a
+    one-line DataError naming it.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return image_tensor(ImageOps.exif_transpose(img), channels, size, crop)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DataError(
+            f"cannot read image {path} ({reason}); replace or delete the file"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- data sets
@@ -175,21 +228,6 @@ class TensorPairDataset(Dataset):
         """Batched fetch (one gather instead of B small ones)."""
         x, y = to_float_images(self.x[idx]), self.y[idx]
         return list(zip(x, y, strict=True))
-
-
-def load_image(path: str | Path, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
-    """Read one image file -> uint8 (channels, size, size) via :func:`center_crop_resize`.
-
-    An unreadable or truncated file raises a DataError naming it.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return pil_to_uint8(center_crop_resize(img, size, crop), channels)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(
-            f"cannot read image {path} ({type(err).__name__}: {err}); replace or delete the file"
-        ) from None
 
 
 class ImageFileDataset(Dataset):
@@ -216,8 +254,7 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = load_image(self.paths[i], self.size, self.channels, self.crop)
-        return to_float_images(img), self.labels[i]
+        return load_image(self.paths[i], self.size, self.channels, self.crop), self.labels[i]
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import pickle
-import shutil
 import tarfile
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from diffusion_lab.cache import write_atomic
 from diffusion_lab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 OFFLINE_HINT = "offline, try data=digits"
 DOWNLOAD_TIMEOUT_S = 20.0
@@ -67,26 +72,36 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def download(url: str, dest: Path, md5: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Fetch ``url`` into ``dest`` (atomically, via a .part file) and verify its MD5.
+    """Fetch ``url`` into ``dest`` with a progress bar, verifying its MD5 before it lands.
 
-    Raises OSError (network) or DataError (checksum); callers turn both into one DataError line.
+    Written through a temporary file that any failure removes. Raises OSError (network) or
+    DataError (checksum); callers turn both into one DataError line.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file() and md5sum(dest) == md5:
         return dest
-    part = dest.with_name(dest.name + ".part")
     req = urllib.request.Request(url, headers={"User-Agent": "diffusion_lab"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as out:
-        shutil.copyfileobj(resp, out)
-    got = md5sum(part)
-    if got != md5:
-        part.unlink(missing_ok=True)
-        raise DataError(f"checksum mismatch for {url}: md5 {got}, expected {md5}")
-    part.replace(dest)
+    log.info("downloading %s to %s (first use; MD5-checked, then kept)", url, dest)
+
+    def fetch(out: BinaryIO) -> None:
+        h = hashlib.md5()
+        with (
+            urllib.request.urlopen(req, timeout=timeout) as resp,
+            tqdm(total=getattr(resp, "length", None), desc=f"downloading {dest.name}",
+                 unit="B", unit_scale=True, mininterval=1.0) as bar,
+        ):  # fmt: skip
+            while block := resp.read(1 << 20):
+                out.write(block)
+                h.update(block)
+                bar.update(len(block))
+        if h.hexdigest() != md5:
+            raise DataError(f"checksum mismatch for {url}: md5 {h.hexdigest()}, expected {md5}")
+
+    write_atomic(dest, fetch)
     return dest
 
 
 def _extract_tar(archive: Path, into: Path) -> None:
+    log.info("extracting %s into %s", archive, into)
     with tarfile.open(archive, "r:gz") as tar:
         try:
             tar.extractall(into, filter="data")

@@ -17,20 +17,20 @@ from PIL import Image
 from diffusion_lab.data.base import (
     SPLITS,
     TensorDataModule,
-    center_crop_resize,
     check_choice,
     check_int,
     check_optional_int,
     check_split_sizes,
     convert_channels,
+    image_tensor,
     load_image,
-    pil_to_uint8,
     resize_images,
     resolve_root,
     seeded_generator,
     seeded_split,
     to_float_images,
 )
+from diffusion_lab.data.verify import BAD_FILE_POLICIES, report_bad_files
 from diffusion_lab.errors import ConfigError, DataError
 
 # Photographs bundled inside the scikit-image wheel (no download through pooch).
@@ -89,9 +89,8 @@ class SingleImageDataModule(TensorDataModule):
 
     def image(self) -> torch.Tensor:
         """The processed photograph, float32 (channels, image_size, image_size) in [0, 1]."""
-        img = Image.fromarray(skimage_photo(self.name))
-        return to_float_images(
-            pil_to_uint8(center_crop_resize(img, self.image_size), self.channels)
+        return image_tensor(
+            Image.fromarray(skimage_photo(self.name)), self.channels, self.image_size
         )
 
     def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -171,6 +170,9 @@ class NaturalCropsDataModule(TensorDataModule):
 class ImageFolderDataModule(TensorDataModule):
     """Every PNG / JPEG in ``root`` (sorted, not recursive), centre-cropped and resized.
 
+    Any Pillow mode is read (see :func:`diffusion_lab.data.base.standard_mode`); all files are
+    decoded at setup, and ``on_bad_file`` says what an unreadable one does: ``error`` stops the run
+    naming it, ``skip`` leaves it out (logged with a count).
     ``crop`` centre-crops that many pixels (None: the largest square) before the bicubic resize.
     ``holdout`` images (a seeded choice) are kept out of training and serve as val and test; with
     ``holdout: 0`` (default, for few-image studies) val and test are the training images.
@@ -189,6 +191,7 @@ class ImageFolderDataModule(TensorDataModule):
         seed: int = 0,
         channels: int = 3,
         value_range: Sequence[float] | None = (0.0, 1.0),
+        on_bad_file: str = "error",
     ) -> None:
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
         self.require_image_args()
@@ -196,6 +199,7 @@ class ImageFolderDataModule(TensorDataModule):
         self.crop = check_optional_int("crop", crop)
         self.holdout = check_int("holdout", holdout, 0)
         self.n_copies = check_int("n_copies", n_copies, 1)
+        self.on_bad_file = check_choice("on_bad_file", on_bad_file, BAD_FILE_POLICIES)
 
     def files(self) -> list[Path]:
         """The image files, sorted; DataError naming the folder if it is missing or holds none."""
@@ -212,23 +216,31 @@ class ImageFolderDataModule(TensorDataModule):
             )
         return files
 
+    def decode(self) -> torch.Tensor:
+        """Every readable file as float32 (N, channels, image_size, image_size), by the policy."""
+        files, images, bad = self.files(), [], []
+        for f in files:
+            try:
+                images.append(load_image(f, self.image_size, self.channels, self.crop))
+            except DataError as err:
+                bad.append(str(err))
+        report_bad_files(bad, len(files), self.on_bad_file, self.root)
+        return torch.stack(images)
+
     def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """All images decoded once; the seeded holdout split; training copies."""
-        files = self.files()
-        if self.holdout >= len(files):
+        x = self.decode()
+        if self.holdout >= len(x):
             raise ConfigError(
-                f"data.holdout={self.holdout} leaves no training image ({len(files)} in {self.root})"
+                f"data.holdout={self.holdout} leaves no training image ({len(x)} in {self.root})"
             )
-        x = torch.stack([load_image(f, self.image_size, self.channels, self.crop) for f in files])
-        y = torch.zeros(len(files), dtype=torch.int64)
+        y = torch.zeros(len(x), dtype=torch.int64)
         if self.holdout:
-            train_idx, held = seeded_split(
-                len(files), [len(files) - self.holdout, self.holdout], self.seed
-            )
+            train_idx, held = seeded_split(len(x), [len(x) - self.holdout, self.holdout], self.seed)
             train_idx = train_idx.sort().values
             held = held.sort().values
         else:
-            train_idx = held = torch.arange(len(files))
+            train_idx = held = torch.arange(len(x))
         train_idx = train_idx.repeat(self.n_copies)
         return {
             "train": (x[train_idx], y[train_idx]),

@@ -21,14 +21,17 @@ from diffusion_lab.data.base import (
     ImageFileDataset,
     SplitDataModule,
     TensorDataModule,
+    check_choice,
     check_int,
     check_optional_int,
     convert_channels,
+    load_image,
     resize_images,
     resolve_root,
     seeded_split,
     to_float_images,
 )
+from diffusion_lab.data.verify import BAD_FILE_POLICIES, readable_files
 from diffusion_lab.errors import ConfigError
 
 
@@ -129,7 +132,9 @@ class _FileDataModule(SplitDataModule):
     """Sets decoded lazily from image files; ``download`` is accepted but cannot be honoured.
 
     ``crop`` centre-crops that many pixels (None: the largest square) before the bicubic resize to
-    ``image_size``; ``max_per_split`` keeps a seeded subset of each split (small runs).
+    ``image_size``; ``max_per_split`` keeps a seeded subset of each split (small runs). Every file
+    used is checked decodable at setup, once (:mod:`diffusion_lab.data.verify`); ``on_bad_file``
+    (``error`` or ``skip``) says what an unreadable one does.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class _FileDataModule(SplitDataModule):
         image_size: int = 64,
         channels: int = 3,
         value_range: Sequence[float] | None = (0.0, 1.0),
+        on_bad_file: str = "error",
     ) -> None:
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
         self.require_image_args()
@@ -151,15 +157,33 @@ class _FileDataModule(SplitDataModule):
         self.download = bool(download)  # the DataError for a missing set says how to get it
         self.crop = check_optional_int("crop", crop)
         self.max_per_split = check_optional_int("max_per_split", max_per_split)
+        self.on_bad_file = check_choice("on_bad_file", on_bad_file, BAD_FILE_POLICIES)
 
-    def _dataset(self, paths: Sequence[Path], labels: Sequence[int]) -> ImageFileDataset:
-        """Lazy data set; with ``max_per_split``, a seeded subset (kept in file order)."""
-        if self.max_per_split is not None and self.max_per_split < len(paths):
-            keep = seeded_split(len(paths), [self.max_per_split], self.seed)[0].sort().values
-            paths = [paths[i] for i in keep]
-            labels = [labels[i] for i in keep]
-        assert self.image_size is not None
-        return ImageFileDataset(paths, labels, self.image_size, self.channels, self.crop)
+    def _datasets(
+        self, splits: dict[str, tuple[Sequence[Path], Sequence[int]]]
+    ) -> dict[str, ImageFileDataset]:
+        """Lazy data sets of ``split -> (paths, labels)``: the files of all splits are checked at
+        once and only the readable ones kept; with ``max_per_split``, a seeded subset of each split
+        (in file order) is taken first."""
+        for split, (paths, labels) in splits.items():
+            if self.max_per_split is not None and self.max_per_split < len(paths):
+                keep = seeded_split(len(paths), [self.max_per_split], self.seed)[0].sort().values
+                splits[split] = ([paths[i] for i in keep], [labels[i] for i in keep])
+        size = self.image_size
+        assert size is not None
+        files = list(dict.fromkeys(p for paths, _ in splits.values() for p in paths))
+        readable = readable_files(
+            files, lambda p: load_image(p, size, self.channels, self.crop), self.on_bad_file,
+            self.root,
+        )  # fmt: skip
+        ok = {files[i] for i in readable}
+        out = {}
+        for split, (paths, labels) in splits.items():
+            kept = [(p, y) for p, y in zip(paths, labels, strict=True) if p in ok]
+            out[split] = ImageFileDataset(
+                [p for p, _ in kept], [y for _, y in kept], size, self.channels, self.crop
+            )
+        return out
 
 
 class CelebADataModule(_FileDataModule):
@@ -177,7 +201,7 @@ class CelebADataModule(_FileDataModule):
     def build_splits(self) -> dict[str, Dataset]:
         """One lazy data set per partition."""
         parts = formats.read_celeba_partition(self.root)
-        return {s: self._dataset(p, [0] * len(p)) for s, p in parts.items()}
+        return self._datasets({s: (p, [0] * len(p)) for s, p in parts.items()})
 
 
 class ImageNetDataModule(_FileDataModule):
@@ -200,10 +224,11 @@ class ImageNetDataModule(_FileDataModule):
         seed: int = 0,
         channels: int = 3,
         value_range: Sequence[float] | None = (0.0, 1.0),
+        on_bad_file: str = "error",
     ) -> None:
         super().__init__(
             root, download, crop, max_per_split, batch_size, num_workers, seed, image_size,
-            channels, value_range,
+            channels, value_range, on_bad_file,
         )  # fmt: skip
         self.max_per_class = check_optional_int("max_per_class", max_per_class)
         self._classes: list[str] | None = None
@@ -229,11 +254,12 @@ class ImageNetDataModule(_FileDataModule):
 
     def build_splits(self) -> dict[str, Dataset]:
         """Lazy train set and val set (the val set doubles as test)."""
-        out = {}
-        for split in ("train", "val"):
-            paths, labels, _ = formats.read_image_class_folders(
+        folders = {
+            split: formats.read_image_class_folders(
                 self.root / split, self.classes, self.max_per_class
-            )
-            out[split] = self._dataset(paths, labels)
+            )[:2]
+            for split in ("train", "val")
+        }
+        out = self._datasets(folders)
         out["test"] = out["val"]
         return out

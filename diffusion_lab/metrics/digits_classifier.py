@@ -13,18 +13,24 @@ Protocol (written down once, see PITFALLS "Evaluation"):
   trained towards the uniform distribution, so that "confidence >= 0.9" means a digit and not
   just any image (without it, 57% of uniform-noise images were labelled with confidence >= 0.9);
   weights cached as a ``state_dict`` and loaded with ``weights_only=True`` only.
+
+Cache: ``$DIFFUSION_LAB_CACHE/digits_classifier_v2.pt`` (default ``~/.cache/diffusion_lab``; see
+:mod:`diffusion_lab.cache`). The first use trains it (about 20-30 s on one CPU thread), saying so in
+the log with a progress bar; every later use, in any run, loads the file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
+
+from diffusion_lab.cache import CACHE_ENV, cache_dir, write_atomic
 
 CACHE_NAME = "digits_classifier_v2.pt"
 INTERNAL_SIZE = 16
@@ -32,6 +38,7 @@ NUM_CLASSES = 10
 NUM_FEATURES = 128
 
 _LOADED: dict[tuple[str, str], DigitsClassifier] = {}
+log = logging.getLogger(__name__)
 
 
 def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -158,13 +165,15 @@ def _train(seed: int, epochs: int, batch_size: int, lr: float) -> DigitsClassifi
         steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
         model.train()
-        for _ in range(epochs):
+        for _ in tqdm(range(epochs), desc="training the digits classifier", unit="epoch"):
             perm = torch.randperm(len(labels), generator=generator)
             for idx in perm.split(batch_size):
                 x = _augment(images[idx], generator)
                 outliers = resize_images(_outliers(images[idx], generator), INTERNAL_SIZE)
-                loss = F.cross_entropy(model.head(model.body(x)), labels[idx])
-                uniform_target = -F.log_softmax(model.head(model.body(outliers)), dim=1).mean()
+                # one pass over digits and outliers together (the net has no batch statistics)
+                logits = model.head(model.body(torch.cat([x, outliers])))
+                loss = F.cross_entropy(logits[: len(idx)], labels[idx])
+                uniform_target = -F.log_softmax(logits[len(idx) :], dim=1).mean()
                 loss = loss + 0.25 * uniform_target
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -180,21 +189,8 @@ def _freeze(model: DigitsClassifier) -> DigitsClassifier:
 
 
 def cache_path() -> Path:
-    """``${DIFFUSION_LAB_CACHE:-~/.cache/diffusion_lab}/digits_classifier_v2.pt``."""
-    root = os.environ.get("DIFFUSION_LAB_CACHE") or os.path.join("~", ".cache", "diffusion_lab")
-    return Path(root).expanduser() / CACHE_NAME
-
-
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``$DIFFUSION_LAB_CACHE/digits_classifier_v2.pt`` (default ``~/.cache/diffusion_lab``)."""
+    return cache_dir() / CACHE_NAME
 
 
 def _load_cached(path: Path) -> DigitsClassifier | None:
@@ -220,12 +216,20 @@ def get_digits_classifier(device: str | torch.device = "cpu") -> DigitsClassifie
     if key not in _LOADED:
         model = _load_cached(path)
         if model is None:
+            log.info(
+                "training the digits classifier for the *_digits metrics and class coverage "
+                "(once, about 30 s); its weights go to %s (set %s to move the cache)",
+                path, CACHE_ENV,
+            )  # fmt: skip
             model = train_digits_classifier(seed=0)
+            state = model.state_dict()
             try:
-                _save_atomic(model.state_dict(), path)
+                write_atomic(path, lambda handle: torch.save(state, handle))
             except OSError as exc:
                 warnings.warn(
-                    f"could not cache the digits classifier at {path}: {exc}", stacklevel=2
+                    f"could not cache the digits classifier at {path} ({exc}): every run will "
+                    f"train it again; set {CACHE_ENV} to a writable folder",
+                    stacklevel=2,
                 )
         _LOADED[key] = model.to(device)
     return _LOADED[key]
