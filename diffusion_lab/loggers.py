@@ -6,8 +6,11 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from diffusion_lab.build import resolve_checkpoint
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -15,22 +18,26 @@ class ResumableCSVLogger(CSVLogger):
     of ``metrics.csv`` logged before the resumed step are kept rather than deleted.
 
     Lightning's writer deletes an existing ``metrics.csv`` when it opens the folder, so a resumed
-    run lost every row before the kill (issue 9). The earlier rows are read first and written
-    back before the first new row, less those at or after the first step the resumed run logs
-    (the killed run's steps past its checkpoint, which the resumed run logs again).
+    run lost every row before the kill (issue 9). The rows logged before the checkpoint's step
+    are read first and written back ahead of the new ones; those the killed run logged after
+    its checkpoint are dropped, since the resumed run logs those steps again. ``resume_from``
+    is a checkpoint path or ``last`` (``<save_dir>/checkpoints/last.ckpt``).
     """
 
     def __init__(self, *args: Any, resume_from: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._kept: list[dict[str, str]] | None = None
-        if resume_from is not None:
-            path = Path(self.log_dir) / "metrics.csv"
-            self._kept = list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
+        path = Path(self.log_dir) / "metrics.csv"
+        if resume_from is not None and path.is_file():
+            checkpoint = resolve_checkpoint(resume_from, self.save_dir)
+            step = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            rows = csv.DictReader(path.open(newline=""))
+            self._kept = [row for row in rows if int(row["step"]) < step["global_step"]]
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self._kept is not None and step is not None:
-            self._write_back([row for row in self._kept if int(row["step"]) < step])
+        if self._kept is not None:
+            self._write_back(self._kept)
         super().log_metrics(metrics, step)
 
     @rank_zero_only

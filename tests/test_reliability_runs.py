@@ -113,11 +113,12 @@ def test_no_room_for_a_checkpoint_stops_before_training(tmp_path, monkeypatch):
 
 
 def test_a_sampler_raising_mid_validation_saves_the_last_step_and_says_how_to_resume(tmp_path):
-    """The validation at the end of epoch 2 runs a sampler that raises: last.ckpt holds step 24
-    (the raw weights, EMA swapped back), and one line names it and the resume command."""
+    """The validation at the end of epoch 2 runs a sampler that raises (scipy refuses the ODE
+    solver's name, which no check before training reads): last.ckpt holds step 24 (the raw
+    weights, EMA swapped back), and one line names it and the resume command."""
     result = run(tmp_path, "trainer.max_steps=36", "trainer.check_val_every_n_epoch=2",
-                 "+trainer.limit_val_batches=1", "method.num_eval_samples=4",
-                 "sampler.eta=nan_is_not_a_number")  # fmt: skip
+                 "+trainer.limit_val_batches=1", "method.num_eval_samples=4", "sampler=ode",
+                 "sampler.steps=null", "sampler.method=NoSuchSolver")  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if "diffusion_lab: error:" in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
