@@ -78,7 +78,9 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one_and_says_so(
 
     def save(obj, f, *args, **kwargs):
         writes.append(isinstance(obj, dict) and "state_dict" in obj)  # a checkpoint
-        if sum(writes) == 2 and writes[-1]:  # Lightning serialises to memory, then writes the temporary file
+        if (
+            sum(writes) == 2 and writes[-1]
+        ):  # Lightning serialises to memory, then writes the temporary file
             (tmp_path / "checkpoints" / ".last.ckpt.tmp").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *args, **kwargs)

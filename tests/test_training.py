@@ -88,3 +88,31 @@ def test_validation_samples_are_drawn_with_the_ema_weights(tmp_path):
         assert not torch.equal(during_validation, raw_weights)  # the averaged ones were in
     ema_weights = ema._average_model.module.model.network.out.weight
     assert torch.equal(seen[-1][0], ema_weights)  # exactly the EMA (copied in at the end)
+
+
+def test_reconstruction_scores_of_an_identity_denoiser_follow_the_noise_level():
+    """A network with zero output under ``x0_residual`` returns x_t itself as x0_hat: its PSNR at
+    a VE level sigma is -10 log10(E (sigma z)^2) = -20 log10(sigma) (about 40 dB at 0.01, a bit
+    more since the estimate is clamped to [0, 1]), and both scores fall as the noise grows."""
+    import functools
+
+    from diffusion_lab.methods.base import DiffusionMethod
+    from diffusion_lab.processes.sde import VESDE
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, label):
+            return torch.zeros_like(x)
+
+    method = DiffusionMethod(
+        Zero(), VESDE(sigma_min=0.01, sigma_max=1.0, num_steps=10), None, None,
+        functools.partial(torch.optim.Adam, lr=1e-3), "x0_residual", (0.0, 1.0), (0.0, 1.0),
+        reconstruction_times=(0.0, 0.5, 1.0),
+    )  # fmt: skip
+    images = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    scores = method.reconstruction_scores(images)
+    assert set(scores) == {f"{m}_t{t}" for m in ("ssim", "psnr") for t in ("0", "0.5", "1")}
+    assert 40.0 <= scores["psnr_t0"] <= 41.5
+    assert 20.0 <= scores["psnr_t0.5"] <= 21.5  # sigma(0.5) = 0.1 on the geometric grid
+    assert scores["psnr_t0"] > scores["psnr_t0.5"] > scores["psnr_t1"]
+    assert scores["ssim_t0"] > scores["ssim_t0.5"] > scores["ssim_t1"]
+    assert scores == method.reconstruction_scores(images)  # the same noise at every call

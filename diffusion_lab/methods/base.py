@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_lab.config_types import NonNegativeInt
+from diffusion_lab.config_types import NonNegativeInt, Probability
 from diffusion_lab.methods.training import TrainingModule
+from diffusion_lab.metrics import image_quality
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import SampleResult
 from diffusion_lab.score_model import ScoreModel
@@ -32,7 +33,9 @@ class DiffusionMethod(TrainingModule):
     ``denoised``). A process that estimates something from the training data (``process.fit``)
     is fitted once at the start of a fresh run and restored from checkpoints otherwise. At each
     validation the EMA weights (swapped in by the EMA callback) draw ``num_eval_samples``
-    samples, which ``evaluator`` scores against held-out data.
+    samples, which ``evaluator`` scores against held-out data, and, for images, the clean-image
+    estimate from x_t at each of ``reconstruction_times`` is scored against the first
+    validation batch (``recon/ssim_t*``, ``recon/psnr_t*``): SSIM curves beside FID-type ones.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class DiffusionMethod(TrainingModule):
         num_eval_samples: NonNegativeInt = 256,
         sample_seed: int = 0,
         dequantize: bool = False,
+        reconstruction_times: Sequence[Probability] = (),
         evaluator: Evaluator | None = None,
         run_config: dict | None = None,
     ) -> None:
@@ -58,6 +62,7 @@ class DiffusionMethod(TrainingModule):
         self.loss_fn = loss
         self.sampler = sampler
         self.num_eval_samples = num_eval_samples
+        self.reconstruction_times = tuple(reconstruction_times)
         self.sample_seed = sample_seed
         self.dequantize = dequantize
         self.evaluator = evaluator
@@ -94,7 +99,29 @@ class DiffusionMethod(TrainingModule):
         x = self.to_model_range(batch[0] if isinstance(batch, (list, tuple)) else batch)
         loss = self.loss_fn(self.model, x)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True)
+        if batch_idx == 0 and x.ndim == 4 and not self.trainer.sanity_checking:
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            for name, value in self.reconstruction_scores(images).items():
+                self.log(f"recon/{name}", value, on_epoch=True, rank_zero_only=True)
         return loss
+
+    @torch.no_grad()
+    def reconstruction_scores(self, images: torch.Tensor) -> dict[str, float]:
+        """SSIM and PSNR (data range [0, 1]) of ``model.denoised(x_t, t)`` against ``images`` at
+        each of ``reconstruction_times``. The noise comes from a generator seeded by
+        ``sample_seed``: the same x_t at every validation, and the global RNG (training's) is
+        left alone."""
+        generator = torch.Generator(device=images.device).manual_seed(self.sample_seed)
+        x0 = self.to_model_range(images)
+        scores = {}
+        for t in self.reconstruction_times:
+            times = torch.full((x0.shape[0],), float(t), device=x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x0_hat = self.model.denoised(self.process.sample_marginal(x0, times, noise), times)
+            estimate = self.to_data_range(x0_hat)
+            scores[f"ssim_t{t:g}"] = image_quality.ssim(estimate, images)
+            scores[f"psnr_t{t:g}"] = image_quality.psnr(estimate, images)
+        return scores
 
     def on_validation_epoch_start(self) -> None:
         """Sample and score with the EMA weights. Lightning runs the callbacks' epoch hooks
