@@ -21,7 +21,9 @@ from torch import nn
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.utils import append_dims
 
-EMBEDDINGS = ("sinusoidal", "fourier", "linear_time")
+EMBEDDINGS = ("sinusoidal", "fourier", "fourier_time", "linear_time")
+#: Embeddings of Fourier features, whose width networks double (sin and cos of ch frequencies).
+FOURIER_EMBEDDINGS = ("fourier", "fourier_time")
 
 
 class NetworkConfigError(ConfigError, ValueError):
@@ -110,12 +112,16 @@ def noise_embedding(kind: str, dim: int) -> nn.Module:
 
     ``"sinusoidal"``: the label is a DDPM timestep index (float in [0, 1000]).
     ``"fourier"``: the label is a VE noise level sigma; its log is embedded with Fourier features.
+    ``"fourier_time"``: Fourier features of the label itself (t in [0, 1] with
+    ``conditioning=time``: Soft Diffusion's networks, whose sigma is constant while the blur grows).
     ``"linear_time"``: a learned affine map of the label (t in [0, 1] with ``conditioning=time``).
     """
     if kind == "sinusoidal":
         return SinusoidalEmbedding(dim)
     if kind == "fourier":
         return LogSigmaFourierEmbedding(dim)
+    if kind == "fourier_time":
+        return GaussianFourierEmbedding(dim)
     if kind == "linear_time":
         return LinearEmbedding(dim)
     raise NetworkConfigError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")

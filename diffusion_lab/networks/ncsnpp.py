@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_lab.networks.layers import (
+    FOURIER_EMBEDDINGS,
     NetworkConfigError,
     conv3x3,
     group_norm,
@@ -80,7 +81,8 @@ class NCSNpp(nn.Module):
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attn_resolutions: feature-map sizes (of the padded input) with self-attention.
         dropout: dropout rate in the residual blocks (0.1 in Score SDE's CIFAR-10 models).
-        embedding: ``"fourier"`` (VE) or ``"sinusoidal"`` (VP).
+        embedding: ``"fourier"`` (VE), ``"sinusoidal"`` (VP) or, for networks conditioned on t
+            itself, ``"fourier_time"`` / ``"linear_time"``.
         fir: anti-aliased FIR resampling (NCSN++) instead of nearest / average pooling (DDPM++).
         fir_kernel: the 1-D FIR kernel; its normalised outer product is used.
         skip_rescale: divide every residual sum by sqrt(2).
@@ -134,8 +136,8 @@ class NCSNpp(nn.Module):
         self.skip_rescale = bool(skip_rescale)
 
         ch, temb_dim = int(base_channels), 4 * int(base_channels)
-        self.embed = noise_embedding(embedding, 2 * ch if embedding == "fourier" else ch)
-        embed_dim = 2 * ch if embedding == "fourier" else ch
+        embed_dim = 2 * ch if embedding in FOURIER_EMBEDDINGS else ch
+        self.embed = noise_embedding(embedding, embed_dim)
         self.temb = nn.Sequential(
             nn.Linear(embed_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
