@@ -262,9 +262,10 @@ class SoftBlurProcess(SoftCorruption):
 
     ``blur_levels``: the blur stds placed at equal t across the blur stage (a found schedule,
     sec. 3.3); by default ``num_blur_levels`` values spaced ``blur_spacing`` from blur_min to
-    blur_max. Linear by default: the sampled kernel is the identity to within 0.4% at std
-    0.3 (a neighbour weight exp(-1 / (2 * 0.09))), so geometric spacing from 0.01 would spend
-    about 40% of the blur stage (14 of 32 levels to std 23) on blurs too small to see, while
+    blur_max. Linear by default: below std 0.3 the sampled kernel is nearly the identity (at
+    0.3 a neighbour tap weighs exp(-1 / (2 * 0.09)) = 0.4% of the centre), so geometric spacing
+    from 0.01 would spend about 40% of the blur stage (14 of 32 levels to std 23) on blurs too
+    small to see, while
     linear spacing gives equal t to equal increments of std. ``blur_spacing="geometric"`` is
     there for comparison. With linear spacing, linear interpolation makes b_t exactly linear
     in t over the blur stage, whatever ``num_blur_levels``. See :class:`SoftCorruption` for the
