@@ -18,6 +18,8 @@ from diffusion_lab.score_model import ScoreModel
 Loss = Callable[[ScoreModel, torch.Tensor], torch.Tensor]
 Sampler = Callable[..., SampleResult]
 Evaluator = Callable[[torch.Tensor, Any], dict[str, float]]
+#: Training examples a process's ``fit`` sees at most (a prior, a schedule: statistics of the set).
+MAX_FIT_EXAMPLES = 10_000
 
 
 class DiffusionMethod(TrainingModule):
@@ -76,10 +78,14 @@ class DiffusionMethod(TrainingModule):
         return self.model
 
     def on_fit_start(self) -> None:
-        """Fit the process to the training data on a fresh run (a resumed one restored it)."""
+        """Fit the process to the training data on a fresh run (a resumed one restored it): at
+        most ``MAX_FIT_EXAMPLES`` of them, chosen by a generator seeded by ``sample_seed`` (the
+        global RNG, training's, is left alone), so that a large set is never stacked whole."""
         if self.process.needs_fit and self.trainer.ckpt_path is None:
             dataset = self.trainer.datamodule.dataset("train")
-            items = [dataset[i] for i in range(len(dataset))]
+            generator = torch.Generator().manual_seed(self.sample_seed)
+            order = torch.randperm(len(dataset), generator=generator)[:MAX_FIT_EXAMPLES]
+            items = [dataset[int(i)] for i in order.sort().values]
             x = torch.stack(
                 [item[0] if isinstance(item, (list, tuple)) else item for item in items]
             )

@@ -3,7 +3,7 @@
 A forward process corrupts clean data x_0 into x_t = mean(x_0, t) + std(t) z, z ~ N(0, I), on
 continuous time t in [0, 1] (t = 0 clean). The corrupted mean is whatever the family needs:
 alpha(t) x_0 for the SDEs (``processes.sde``), C_t x_0 for a linear corruption such as a blur
-or a mask (``processes.corruption``; Soft Diffusion, Daras et al. eq. 3), a precomputed table for
+or a mask (``processes.corruption``; Soft Diffusion, Daras et al. eq. 4), a precomputed table for
 a score embedding. Whatever only needs the noise level reads ``std(t)``.
 
 What a process offers beyond this contract is named in ``provides`` (see
