@@ -25,6 +25,7 @@ from diffusion_lab.utils import append_dims
 CAPABILITIES = {
     "gaussian_sde": "is a linear SDE with Gaussian marginals alpha(t) x0 + sigma(t) z (VE, VP, sub-VP)",
     "unit_mean": "keeps the mean at x0 (alpha(t) = 1: a VE process)",
+    "noisy_at_zero": "keeps noise at t = 0 (sigma(0) > 0: VE, the soft processes)",
 }
 
 

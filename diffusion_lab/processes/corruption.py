@@ -102,9 +102,10 @@ class SoftCorruption(LinearCorruption):
     The network is conditioned on t (``native_conditioning = "time"``): sigma is constant over
     the corruption stage, so it cannot tell the levels apart (PITFALLS). ``level_times()``: the
     N = ``num_steps`` times k / N, k = 1..N, in (0, 1] (1/N is the cleanest level; samplers
-    append t = 0). ``provides`` is empty: these are not SDEs with Gaussian marginals
-    alpha(t) x0 + sigma(t) z, so SDE samplers (DDIM, PC, ancestral, ...) are refused when the run
-    is built (``samplers.base.check_sampler``).
+    append t = 0). ``provides`` is ``noisy_at_zero`` only: these are not SDEs with Gaussian
+    marginals alpha(t) x0 + sigma(t) z, so SDE samplers (DDIM, PC, ancestral, ...) are refused
+    when the run is built (``samplers.base.check_sampler``), while annealed Langevin, which needs
+    only the score of each level and noise at the last one, runs.
 
     The prior p_1 is not specified by the paper, and App. D's "noise on top of (almost) a single
     colour" is not what zero padding gives (a blurred constant image is bright in the centre and
@@ -123,6 +124,7 @@ class SoftCorruption(LinearCorruption):
     """
 
     native_conditioning = "time"
+    provides = frozenset({"noisy_at_zero"})
 
     def __init__(
         self,

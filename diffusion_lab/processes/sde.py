@@ -231,7 +231,7 @@ class VESDE(SDE):
     data range).
     """
 
-    provides = SDE.provides | {"unit_mean"}
+    provides = SDE.provides | {"unit_mean", "noisy_at_zero"}
     ancestral_variance = "posterior"
     native_conditioning = "sigma"
 

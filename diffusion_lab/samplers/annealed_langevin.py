@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
     CountingModel,
@@ -46,7 +47,7 @@ LevelConstraint = Callable[[float], Callable[[torch.Tensor], torch.Tensor] | Non
 
 def _annealed_loop(
     score: CountingModel,
-    process: SDE,
+    process: ForwardProcess,
     x: torch.Tensor,
     steps: int | None,
     callback: StepCallback | None,
@@ -80,11 +81,11 @@ def _annealed_loop(
     return x, float(times[-1]), trajectory or []
 
 
-@sampler(requires=("gaussian_sde", "unit_mean"), time_grid="levels")
+@sampler(requires=("noisy_at_zero",), time_grid="levels")
 @torch.no_grad()
 def annealed_langevin(
     model: Model,
-    process: SDE,
+    process: ForwardProcess,
     x_or_shape: torch.Tensor | tuple[int, ...],
     steps: int | None = None,
     callback: StepCallback | None = None,

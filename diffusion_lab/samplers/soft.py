@@ -68,13 +68,14 @@ zero there. NFE = len(grid) - 1, + 1 with ``denoise``; with ``"trailing"``, len(
 whenever the strided levels stop above the smallest one (steps up to about 2N/3; with every level,
 steps = N, it is N on the soft process and N - 1 on VE, whose levels hold t = 0).
 
-Which existing samplers run on a soft (non-SDE) process: none of them. DDIM, ancestral,
-predictor-corrector (reverse diffusion, Euler-Maruyama, Langevin corrector) and the
+Which existing samplers run on a soft (non-SDE) process: annealed Langevin (NCSN's Alg. 1),
+which needs only the score of each level (eq. 8 from the model's x0_hat) and noise at its last
+level (``noisy_at_zero``: sigma_0 = 0.01), with the model's own x0_hat as its final step. DDIM,
+ancestral, predictor-corrector (reverse diffusion, Euler-Maruyama, Langevin corrector) and the
 probability-flow ODE require ``gaussian_sde`` (they call ``process.sde`` / ``discretize`` /
-``ancestral_step`` / ``denoise``, which assume an invertible scalar mean), and annealed Langevin
-requires ``gaussian_sde`` and ``unit_mean`` (its step size sigma_i^2 / sigma_L^2 and its Tweedie
-final step assume VE); ``check_sampler`` refuses each of them on a ``LinearCorruption`` with one
-line at build time (tests/test_soft_samplers.py). The three samplers here run on the soft process
+``ancestral_step`` / ``denoise``, which assume an invertible scalar mean); ``check_sampler``
+refuses each of them on a ``LinearCorruption`` with one line at build time
+(tests/test_soft_samplers.py). The three samplers here run on the soft process
 and on the SDEs alike (``requires=()``); on VE they are VE samplers (the C_t = I tests).
 """
 
