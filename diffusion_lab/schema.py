@@ -80,7 +80,7 @@ THIRD_PARTY: dict[Any, dict[str, Any]] = {
     },
 }
 #: Keys the run reads itself rather than passing them to the target.
-READ_BY_RUN = {"data.metrics"}
+READ_BY_RUN = {"data.metrics", "blur_schedule.data.metrics"}  # blur_schedule: conf/blur_schedule/
 _STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
 
 

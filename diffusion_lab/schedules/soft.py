@@ -1,0 +1,730 @@
+"""Blur levels for Soft Diffusion's blur stage (Daras et al. sec. 3.3, App. C, App. F.1.2).
+
+In the blur stage the noise is constant (sigma = 0.1) and the blur std grows from ``blur_min``
+(0.01: the identity) to ``blur_max`` (23 for CelebA-64, 18 for CIFAR-10; App. D). The soft
+process takes the chosen levels as ``blur_levels: list[float]``, placed at equal t across the
+blur stage and interpolated linearly in between (App. C; :func:`interpolate_levels`). Three
+schedulers, each a config of the Hydra group ``conf/blur_schedule/``:
+
+- ``soft_wasserstein`` (:func:`wasserstein_path_levels`): sec. 3.3's shortest path. Candidate
+  levels (256 by default), a distance M between the corrupted distributions of two levels, the
+  graph G_eps whose edges join levels at distance at most eps (eq. 22), the path from the first
+  to the last candidate that minimises the SUM of the distances (W, not W^2: the Fig. 6 caption;
+  with W^2 every subdivision is cheaper, (a + b)^2 > a^2 + b^2, and the path visits every node),
+  and eps found by bisection so that the path holds the requested number of levels (32; App. C
+  and the errata in ``shared/papers/README.md``).
+- ``soft_mse_matched`` (:func:`mse_matched_levels`): App. F.1.2's baseline, eq. 45.
+- ``soft_linear`` (:func:`linear_levels`): evenly spaced stds, no data needed.
+
+The distance (the paper does not say how it estimates W; it names ott-jax). Two levels i, j of
+the blur stage are x_i = C_i x_0 + sigma eta and x_j = C_j x_0 + sigma eta' with the same sigma.
+The synchronous coupling (same x_0, same eta) gives
+
+    W2(q_i, q_j) <= M(i, j) = sqrt(E_{x_0} ||(C_i - C_j) x_0||^2)            (coupled estimate)
+
+in which the noise cancels exactly. :func:`coupled_distances` computes M for all pairs of
+candidates from one set of training images. Why this estimator and not W between sample sets
+(measured on the 1,437 training digits at 16x16, sigma = 0.1, candidates 0.01 .. 8, one core):
+
+- Self-distance: M(i, i) = 0 by construction, and M is a (pseudo-)metric on levels: the L2
+  distance between the vectors (C_i x_n)_n, symmetric, with the triangle inequality exact on any
+  sample. Exact W2 between two INDEPENDENT sample sets (256 against 256, optimal assignment by
+  ``scipy.optimize.linear_sum_assignment``, :func:`sampled_level_distance`) is dominated by
+  sampling noise (PITFALLS): a level's distance to itself came out 2.2 to 3.1, while neighbouring
+  candidates are 0.00 to 0.09 apart under M (median 0.02); with such estimates G_eps holds no
+  path of small steps. Exact OT on SHARED samples (same x_0 and eta at both levels,
+  :func:`empirical_w2`) is at most M (the identity matching is a coupling) and equalled M to four
+  digits on every pair measured, neighbours and levels far apart alike (e.g. 0.0405 / 0.0405,
+  0.9537 / 0.9537).
+- Cost: M for all 32,640 pairs of 256 candidates is one blur of the N images per candidate and
+  a (K, K) float64 Gram matrix: 4 to 6 s for the 1,437 digits, nearly all of it in the 256
+  blurs of the reference :func:`gaussian_blur` (the Gram matrix: 0.7 s; the bisection with its
+  about 15 shortest paths: 0.01 s). Exact OT on shared samples costs 15 ms per pair at N = 256,
+  i.e. about 8 minutes for all pairs, for the same numbers.
+
+The number of levels on the path as a function of eps. The graph only changes where eps crosses
+a distance, so the bisection runs over the sorted distinct distances (a finite, exact search).
+What is monotone, and what is not:
+
+- The cost of the minimum-sum path, and the FEWEST levels of any eps-feasible path, are
+  non-increasing in eps: raising eps only adds edges, so every path feasible at eps stays
+  feasible with its cost and its length.
+- The levels on the minimum-SUM path (the paper's objective) are non-increasing in eps when M is
+  a concave function of a one-dimensional coordinate, M(i, j) = f(|j - i|), f concave,
+  f(0) = 0: a path is a vector of jumps of at most k steps (k the largest with f(k) <= eps) that
+  sums to K - 1; sum f(jump) is Schur-concave, so it is smallest at the vector that majorises
+  all others, (k, ..., k, r) padded with zeros, i.e. the path of ceil((K - 1) / k) jumps, the
+  fewest possible, non-increasing in eps as k is.
+- It is NOT a theorem for general metrics, and it does not hold exactly for the coupled blur
+  distance. Five levels 0 < a < 1 < b < 3 with M(0,a) = M(b,3) = 2, M(a,1) = M(1,b) = 3.1,
+  M(0,1) = M(1,3) = 5, M(a,b) = 5.5, M(0,b) = M(a,3) = 5.6, M(0,3) = 7.5 (a metric, increasing
+  along the order): at eps = 5 the minimum-sum path is 0-1-3 (sum 10, 3 levels), at eps = 5.5
+  it is 0-a-b-3 (sum 9.5, 4 levels). On the digits, sweeping eps over every distinct distance,
+  the count of the minimum-sum path rises by one or two levels at some steps while falling
+  overall (along the blur curve the triangle inequality is nearly an equality locally, so paths
+  of different lengths have nearly equal sums). The tests hold both facts.
+
+Hence two objectives (``objective``): ``sum`` (default, sec. 3.3 and the Fig. 6 caption as
+written: the minimum sum of distances), and ``fewest_levels`` (the fewest levels of any path
+with edges <= eps, the minimum sum among those: its count is provably non-increasing in eps, so
+the bisection is exact). The bisection does not need monotonicity to be correct: it keeps the
+invariant count(lo) > requested > count(hi) and stops at an eps whose path holds exactly the
+requested number of levels. If two neighbouring distinct distances give counts on either side of
+the request (the count jumped over it), the path whose count is closest to the request is
+returned, the finer one (more levels) on a tie, with ``exact = False`` in its info and a warning
+in the log; the soft process interpolates any number of levels, so a schedule of 31 or 33
+levels is still usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import brentq, linear_sum_assignment
+from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
+
+from diffusion_lab.errors import ConfigError
+
+log = logging.getLogger("diffusion_lab")
+
+#: ``blur(x, std) -> x``: a zero-padded Gaussian blur of std ``std`` of a batch (B, C, H, W).
+BlurFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+METHODS = ("wasserstein", "mse_matched", "linear")
+SPACINGS = ("linear", "geometric")
+OBJECTIVES = ("sum", "fewest_levels")
+SCHEDULE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- blur and candidates
+
+
+def gaussian_blur(x: torch.Tensor, std: float, half_size: int | None = None) -> torch.Tensor:
+    """A zero-padded Gaussian blur of std ``std`` (pixels), separable, kernel sampled and summed to 1.
+
+    A reference blur for the scheduler and its tests (the process's own operator is another
+    module's; any ``blur(x, std)`` serves). ``half_size`` None: H - 1 or W - 1, which with zero
+    padding equals the untruncated kernel (taps further out only ever meet the padding). The
+    kernel of std 0.01 is the identity to float precision (its off-centre taps are exp(-5000)).
+    """
+    x = torch.as_tensor(x)
+    b, c, h, w = x.shape
+    out = x.reshape(b * c, 1, h, w)
+    for axis, size in ((2, h), (3, w)):
+        half = size - 1 if half_size is None else min(int(half_size), size - 1)
+        taps = torch.arange(-half, half + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (taps / float(std)) ** 2)
+        kernel = (kernel / kernel.sum()).to(x.dtype)
+        shape = (1, 1, 2 * half + 1, 1) if axis == 2 else (1, 1, 1, 2 * half + 1)
+        pad = (half, 0) if axis == 2 else (0, half)
+        out = F.conv2d(out, kernel.reshape(shape), padding=pad)
+    return out.reshape(b, c, h, w)
+
+
+def candidate_blurs(
+    blur_min: float = 0.01, blur_max: float = 23.0, num: int = 256, spacing: str = "linear"
+) -> np.ndarray:
+    """The candidate stds from ``blur_min`` to ``blur_max`` exactly (float64).
+
+    ``linear`` (default): evenly spaced stds. ``geometric`` spends over a third of 256
+    candidates from 0.01 to 23 below a std of 0.3, where a sampled kernel is nearly the identity
+    and the coupled distances are nearly 0; on 16x16 digits (blur_max 8) its 32-level path put
+    10 levels between stds 0.16 and 0.20, while linear spacing gave an even path (largest
+    neighbour distance: 0.086 linear, 0.077 geometric, both far below the path's eps of 0.25).
+    """
+    if not 0 < blur_min < blur_max:
+        raise ConfigError(f"need 0 < blur_min < blur_max, got {blur_min} and {blur_max}")
+    if num < 2:
+        raise ConfigError(f"need at least 2 candidate blur levels, got {num}")
+    if spacing == "linear":
+        stds = np.linspace(blur_min, blur_max, num)
+    elif spacing == "geometric":
+        stds = np.geomspace(blur_min, blur_max, num)
+    else:
+        raise ConfigError(f"unknown candidate spacing {spacing!r}: use {' or '.join(SPACINGS)}")
+    stds[0], stds[-1] = blur_min, blur_max
+    return stds
+
+
+def linear_levels(
+    num_levels: int = 32, blur_min: float = 0.01, blur_max: float = 23.0
+) -> list[float]:
+    """``soft_linear``: ``num_levels`` evenly spaced stds from blur_min to blur_max."""
+    if num_levels < 2:
+        raise ConfigError(f"need at least 2 blur levels, got {num_levels}")
+    return candidate_blurs(blur_min, blur_max, num_levels, "linear").tolist()
+
+
+def interpolate_levels(levels: Sequence[float], u: torch.Tensor | float) -> torch.Tensor:
+    """The std at position u in [0, 1] of the blur stage: levels at u_k = k / (K - 1), linear
+    in between (App. C: "linear interpolation to extend to the continuous case")."""
+    grid = np.linspace(0.0, 1.0, len(levels))
+    u = torch.as_tensor(u, dtype=torch.float64)
+    return torch.from_numpy(np.interp(u.numpy(), grid, np.asarray(levels, dtype=np.float64)))
+
+
+# --------------------------------------------------------------------------- distances
+
+
+def _blurred_stack(x0: torch.Tensor, blur: BlurFn, stds: Sequence[float]) -> torch.Tensor:
+    """(K, N * D) float64: row k is C_k x_0 for all images, flattened."""
+    return torch.stack([blur(x0, float(s)).to(torch.float64).reshape(-1) for s in stds])
+
+
+def coupled_distances(
+    x0: torch.Tensor, blur: BlurFn, stds: Sequence[float], chunk_images: int | None = None
+) -> np.ndarray:
+    """M(i, j) = sqrt(E_n ||(C_i - C_j) x_n||^2) for all pairs of ``stds`` (K, K), float64.
+
+    The synchronous-coupling bound on W2 between the blur-stage levels (module docstring): the
+    noise, equal at both levels, cancels. The images are blurred in chunks of ``chunk_images``
+    (None: all at once up to about 256 MB of float64 per chunk) and the Gram matrix
+    G = sum_n Y_n Y_n^T is accumulated in float64, M^2 = (diag G_i + diag G_j - 2 G_ij) / N; the
+    diagonal is set to 0 exactly and round-off below 0 to 0.
+    """
+    x0 = torch.as_tensor(x0)
+    n = x0.shape[0]
+    if n < 1:
+        raise ConfigError("coupled_distances needs at least one image")
+    k = len(stds)
+    per_image = x0[0].numel() * k * 8
+    chunk = chunk_images or max(1, min(n, (256 << 20) // max(per_image, 1)))
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            y = _blurred_stack(x0[start : start + chunk], blur, stds)
+            gram += y @ y.T
+    sq = torch.diagonal(gram)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * gram) / n
+    d2 = d2.clamp_min(0.0)
+    d2 = 0.5 * (d2 + d2.T)
+    d2.fill_diagonal_(0.0)
+    return d2.sqrt().numpy()
+
+
+def empirical_w2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact W2 between two equal-size empirical sets (rows flattened), by an optimal assignment
+    (``scipy.optimize.linear_sum_assignment`` on squared Euclidean costs)."""
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(a.shape[0], -1)
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(b.shape[0], -1)
+    if a.shape != b.shape:
+        raise ValueError(f"empirical_w2 needs sets of equal shape, got {a.shape} and {b.shape}")
+    cost = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float(math.sqrt(cost[rows, cols].mean()))
+
+
+def sampled_level_distance(
+    x0: torch.Tensor,
+    blur: BlurFn,
+    std_i: float,
+    std_j: float,
+    sigma: float,
+    generator: torch.Generator,
+    shared: bool,
+) -> float:
+    """Exact OT W2 between samples of two blur-stage levels (for comparison with M).
+
+    ``shared``: both sets use the same x_0 and the same noise (a coupled sample; the result is
+    at most M(i, j)). Otherwise the two sets use disjoint halves of ``x0`` and independent noise
+    (independent sample sets, dominated by sampling noise: module docstring).
+    """
+    x0 = torch.as_tensor(x0, dtype=torch.float64)
+    if shared:
+        xa = xb = x0
+        na = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        nb = na
+    else:
+        half = x0.shape[0] // 2
+        xa, xb = x0[:half], x0[half : 2 * half]
+        na = torch.randn(xa.shape, generator=generator, dtype=torch.float64)
+        nb = torch.randn(xb.shape, generator=generator, dtype=torch.float64)
+    a = blur(xa, std_i).to(torch.float64) + sigma * na
+    b = blur(xb, std_j).to(torch.float64) + sigma * nb
+    return empirical_w2(a, b)
+
+
+# --------------------------------------------------------------------------- shortest path
+
+
+def shortest_path(
+    distances: np.ndarray, eps: float, objective: str = "sum"
+) -> tuple[list[int], float] | None:
+    """The path 0 -> K-1 through increasing levels whose edges are at most ``eps`` (eq. 22), and
+    its sum of distances; None if no such path exists.
+
+    ``objective`` ``sum`` (sec. 3.3, the default): the path whose SUM of distances is smallest.
+    ``fewest_levels``: the path with the fewest levels, the smallest sum among those (each edge
+    weighs M + Lambda with Lambda larger than any path's sum, so Dijkstra minimises the count
+    first). Edges join i < j only (a blur schedule is increasing); zero distances stay edges.
+    Dijkstra of ``scipy.sparse.csgraph``.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown path objective {objective!r}: use {' or '.join(OBJECTIVES)}")
+    d = np.asarray(distances, dtype=np.float64)
+    k = d.shape[0]
+    allowed = np.triu(d <= eps, 1)
+    penalty = 0.0
+    if objective == "fewest_levels":
+        penalty = float(k * max(d[allowed].max(initial=0.0), 0.0) + 1.0)
+    weights = np.where(allowed, d + penalty, np.inf)
+    graph = csgraph_from_dense(weights, null_value=np.inf)
+    cost, pred = dijkstra(graph, directed=True, indices=0, return_predecessors=True)
+    if not np.isfinite(cost[k - 1]):
+        return None
+    path = [k - 1]
+    while path[-1] != 0:
+        path.append(int(pred[path[-1]]))
+    path = path[::-1]
+    return path, float(sum(d[i, j] for i, j in zip(path, path[1:])))
+
+
+def bottleneck(distances: np.ndarray) -> float:
+    """The smallest eps for which an increasing path 0 -> K-1 exists (the minimax path)."""
+    d = np.asarray(distances, dtype=np.float64)
+    best = np.full(d.shape[0], np.inf)
+    best[0] = 0.0
+    for j in range(1, d.shape[0]):
+        best[j] = np.min(np.maximum(best[:j], d[:j, j]))
+    return float(best[-1])
+
+
+@dataclass
+class PathResult:
+    """The chosen path: node indices, eps, its cost, whether the count is the one requested, and
+    the (eps, count) pairs the bisection evaluated."""
+
+    path: list[int]
+    eps: float
+    cost: float
+    requested: int
+    exact: bool
+    evaluations: list[tuple[float, int]] = field(default_factory=list)
+
+
+def find_eps(
+    distances: np.ndarray, num_levels: int = 32, progress: bool = False, objective: str = "sum"
+) -> PathResult:
+    """Bisection on eps over the sorted distinct distances so that the shortest path holds
+    ``num_levels`` levels (both end points included; module docstring for the invariant and for
+    what is returned when no eps gives exactly that count)."""
+    d = np.asarray(distances, dtype=np.float64)
+    k = d.shape[0]
+    if num_levels < 2:
+        raise ConfigError(f"need at least 2 blur levels, got {num_levels}")
+    if num_levels > k:
+        raise ConfigError(f"cannot choose {num_levels} levels from {k} candidates")
+    values = np.unique(d[np.triu_indices(k, 1)])
+    values = values[values >= bottleneck(d)]  # below it no path exists
+    results: dict[int, tuple[list[int], float]] = {}
+    evaluations: list[tuple[float, int]] = []
+
+    def count(index: int) -> int:
+        if index not in results:
+            found = shortest_path(d, float(values[index]), objective)
+            assert found is not None  # every value is at least the bottleneck
+            results[index] = found
+            evaluations.append((float(values[index]), len(found[0])))
+        return len(results[index][0])
+
+    def result(index: int, exact: bool) -> PathResult:
+        path, cost = results[index]
+        return PathResult(path, float(values[index]), cost, num_levels, exact, evaluations)
+
+    steps = max(1, math.ceil(math.log2(max(len(values), 2)))) + 2
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="blur schedule: bisection on eps", unit="path")
+    try:
+        lo, hi = 0, len(values) - 1
+        for index in (lo, hi):
+            count(index)
+            if bar is not None:
+                bar.update(1)
+        if count(lo) <= num_levels or count(hi) >= num_levels:
+            # the request is outside the reachable range (or met at an end)
+            best = lo if count(lo) <= num_levels else hi
+            exact = count(best) == num_levels
+            if not exact:
+                log.warning(
+                    "blur schedule: no eps gives %d levels; the path holds %d (eps = %.6g)",
+                    num_levels, count(best), values[best],
+                )  # fmt: skip
+            return result(best, exact)
+        while hi - lo > 1:  # invariant: count(lo) > num_levels > count(hi)
+            mid = (lo + hi) // 2
+            c = count(mid)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(eps=f"{values[mid]:.4g}", levels=c)
+            if c == num_levels:
+                return result(mid, True)
+            if c > num_levels:
+                lo = mid
+            else:
+                hi = mid
+        # neighbouring distinct distances on either side: the count jumped over the request
+        best = lo if count(lo) - num_levels <= num_levels - count(hi) else hi
+        log.warning(
+            "blur schedule: no eps gives %d levels (%d at eps = %.6g, %d at %.6g); returning %d",
+            num_levels, count(lo), values[lo], count(hi), values[hi], count(best),
+        )  # fmt: skip
+        return result(best, False)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def wasserstein_path_levels(
+    x0: torch.Tensor,
+    blur: BlurFn,
+    num_levels: int = 32,
+    blur_min: float = 0.01,
+    blur_max: float = 23.0,
+    num_candidates: int = 256,
+    spacing: str = "linear",
+    progress: bool = False,
+    objective: str = "sum",
+) -> tuple[list[float], dict[str, Any]]:
+    """``soft_wasserstein``: the levels on the shortest coupled-W path (sec. 3.3, App. C) and an
+    info dict (eps, cost, count, exact, the candidates' distance timing)."""
+    stds = candidate_blurs(blur_min, blur_max, num_candidates, spacing)
+    start = time.perf_counter()
+    distances = coupled_distances(x0, blur, stds)
+    seconds = time.perf_counter() - start
+    found = find_eps(distances, num_levels, progress=progress, objective=objective)
+    levels = [float(stds[i]) for i in found.path]
+    info = {
+        "eps": found.eps,
+        "path_cost": found.cost,
+        "num_levels_found": len(levels),
+        "exact": found.exact,
+        "candidate_indices": found.path,
+        "distance_seconds": seconds,
+        "max_neighbour_distance": float(np.diag(distances, 1).max()),
+        "bisection": found.evaluations,
+    }
+    return levels, info
+
+
+# --------------------------------------------------------------------------- MSE matched (eq. 45)
+
+
+def blur_mse(x0: torch.Tensor, blur: BlurFn, std: float, sigma: float) -> float:
+    """E ||x_0 - x_t||^2 per image at blur ``std`` with noise ``sigma``, exactly:
+    E_n ||(I - C) x_n||^2 + D sigma^2 (the cross term has mean zero)."""
+    x0 = torch.as_tensor(x0, dtype=torch.float64)
+    with torch.no_grad():
+        residual = x0 - blur(x0, float(std)).to(torch.float64)
+    return float(residual.pow(2).flatten(1).sum(1).mean()) + x0[0].numel() * sigma**2
+
+
+def ve_mse_ratio(u: np.ndarray, ve_sigma_min: float, ve_sigma_max: float) -> np.ndarray:
+    """The right side of eq. 45 for the VE SDE: E||x_0 - x'_t||^2 / E||x_0 - x'_1||^2 =
+    sigma(t)^2 / sigma_max^2 with geometric sigma(t) = sigma_min (sigma_max / sigma_min)^t."""
+    return (ve_sigma_min / ve_sigma_max) ** (2.0 * (1.0 - np.asarray(u, dtype=np.float64)))
+
+
+def mse_matched_levels(
+    x0: torch.Tensor,
+    blur: BlurFn,
+    sigma: float = 0.1,
+    num_levels: int = 32,
+    blur_min: float = 0.01,
+    blur_max: float = 23.0,
+    ve_sigma_min: float = 0.01,
+    ve_sigma_max: float = 50.0,
+    xtol: float = 1e-10,
+) -> tuple[list[float], dict[str, Any]]:
+    """``soft_mse_matched``: App. F.1.2's baseline (eq. 45).
+
+    Level k sits at u_k = k / (K - 1) of the blur stage, which plays the VE SDE's t in [0, 1].
+    Eq. 45 asks m(b_k) / m(blur_max) = sigma_VE(u_k)^2 / sigma_VE(1)^2, with
+    m(b) = E||x_0 - x_t||^2 = E||(I - C_b) x_0||^2 + D sigma^2 (:func:`blur_mse`) and the VE SDE's
+    geometric sigma from ``ve_sigma_min`` to ``ve_sigma_max`` (Song et al. 2021b; 50 is the
+    project's and Score SDE's CIFAR-10 value). m(b_K) = m(blur_max) holds by construction.
+
+    Where it cannot be met: m(b) >= m(blur_min) = D sigma^2 (the noise alone; C_{0.01} = I), while
+    the VE target falls to (ve_sigma_min / ve_sigma_max)^2 m(blur_max), far below it early in the
+    blur stage. There the level is clamped to ``blur_min`` until the target exceeds m(blur_min)
+    (``info["clamped"]`` counts them); beyond that each level solves m(b) = target by Brent's
+    method on [blur_min, blur_max] (to ``xtol``), and the levels are made non-decreasing (m is
+    increasing in b for a Gaussian blur; with zero padding round-off could break a tie).
+    """
+    if num_levels < 2:
+        raise ConfigError(f"need at least 2 blur levels, got {num_levels}")
+    if not 0 < ve_sigma_min < ve_sigma_max:
+        raise ConfigError(
+            f"need 0 < ve_sigma_min < ve_sigma_max, got {ve_sigma_min}, {ve_sigma_max}"
+        )
+    u = np.linspace(0.0, 1.0, num_levels)
+    m_min = blur_mse(x0, blur, blur_min, sigma)
+    m_max = blur_mse(x0, blur, blur_max, sigma)
+    targets = m_max * ve_mse_ratio(u, ve_sigma_min, ve_sigma_max)
+    levels = []
+    clamped = 0
+    for target in targets[:-1]:
+        if target <= m_min:
+            levels.append(float(blur_min))
+            clamped += 1
+            continue
+        b = brentq(
+            lambda s, t=target: blur_mse(x0, blur, s, sigma) - t, blur_min, blur_max, xtol=xtol
+        )
+        levels.append(float(b))
+    levels.append(float(blur_max))
+    levels = np.maximum.accumulate(np.asarray(levels)).tolist()
+    info = {
+        "clamped": clamped,
+        "mse_blur_min": m_min,
+        "mse_blur_max": m_max,
+        "targets": targets.tolist(),
+        "ve_sigma_min": ve_sigma_min,
+        "ve_sigma_max": ve_sigma_max,
+    }
+    return levels, info
+
+
+# --------------------------------------------------------------------------- saved schedules
+
+
+def data_hash(x0: torch.Tensor) -> str:
+    """sha256 of the images the schedule was computed from (shape, dtype and float32 bytes)."""
+    x = torch.as_tensor(x0).detach().to(torch.float32).contiguous().cpu()
+    digest = hashlib.sha256(repr(tuple(x.shape)).encode())
+    digest.update(x.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class BlurSchedule:
+    """A found schedule as saved: its levels, the settings that produced them, the data's hash
+    (None for ``linear``, which needs no data) and what the scheduler reported."""
+
+    name: str
+    levels: list[float]
+    settings: dict[str, Any]
+    data_hash: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    format: int = SCHEDULE_FORMAT
+
+
+def save_schedule(path: str | Path, schedule: BlurSchedule) -> Path:
+    """Write ``schedule`` as JSON to ``path`` (atomically: a temporary file, then a rename)."""
+    from diffusion_lab.cache import write_atomic
+
+    path = Path(path)
+    text = json.dumps(asdict(schedule), indent=1, sort_keys=True) + "\n"
+    write_atomic(path, lambda handle: handle.write(text.encode()))
+    return path
+
+
+def load_schedule(path: str | Path) -> BlurSchedule:
+    """Read a schedule written by :func:`save_schedule`; a ConfigError naming the file if it is
+    missing or not a schedule."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"blur schedule file {path} does not exist: write it with "
+            "`python -m diffusion_lab.soft_schedule [data overrides] --out PATH`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        schedule = BlurSchedule(**raw)
+        levels = [float(v) for v in schedule.levels]
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"blur schedule file {path} is not a schedule: {exc}") from None
+    if len(levels) < 2 or any(b < a for a, b in zip(levels, levels[1:])):
+        raise ConfigError(f"blur schedule file {path}: levels must be >= 2 and non-decreasing")
+    schedule.levels = levels
+    return schedule
+
+
+def compute_schedule(
+    method: str,
+    x0: torch.Tensor | None,
+    blur: BlurFn | None,
+    *,
+    name: str | None = None,
+    num_levels: int = 32,
+    blur_min: float = 0.01,
+    blur_max: float = 23.0,
+    sigma: float = 0.1,
+    num_candidates: int = 256,
+    spacing: str = "linear",
+    ve_sigma_min: float = 0.01,
+    ve_sigma_max: float = 50.0,
+    progress: bool = False,
+    objective: str = "sum",
+) -> BlurSchedule:
+    """Run scheduler ``method`` (wasserstein, mse_matched or linear) and wrap the result."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown blur schedule method {method!r}: use {', '.join(METHODS)}")
+    settings: dict[str, Any] = {
+        "method": method,
+        "num_levels": int(num_levels),
+        "blur_min": float(blur_min),
+        "blur_max": float(blur_max),
+    }
+    if method == "linear":
+        return BlurSchedule(
+            name or "soft_linear", linear_levels(num_levels, blur_min, blur_max), settings
+        )
+    if x0 is None or blur is None:
+        raise ConfigError(f"blur schedule {method} needs training images and a blur")
+    settings |= {"sigma": float(sigma), "num_images": int(x0.shape[0]),
+                 "image_shape": list(x0.shape[1:])}  # fmt: skip
+    if method == "wasserstein":
+        settings |= {"num_candidates": int(num_candidates), "spacing": spacing,
+                     "objective": objective,
+                     "distance": "coupled: sqrt(E ||(C_i - C_j) x0||^2)"}  # fmt: skip
+        levels, info = wasserstein_path_levels(
+            x0, blur, num_levels, blur_min, blur_max, num_candidates, spacing, progress, objective
+        )
+    else:
+        settings |= {"ve_sigma_min": float(ve_sigma_min), "ve_sigma_max": float(ve_sigma_max)}
+        levels, info = mse_matched_levels(
+            x0, blur, sigma, num_levels, blur_min, blur_max, ve_sigma_min, ve_sigma_max
+        )
+    return BlurSchedule(name or f"soft_{method}", levels, settings, data_hash(x0), info)
+
+
+# --------------------------------------------------------------------------- config entry point
+
+
+def _to_plain(node: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def training_images(
+    data: Any, num_images: int, data_range: Sequence[float], model_range: Sequence[float]
+) -> torch.Tensor:
+    """The first ``num_images`` training images of the data config ``data`` (a ``_target_``
+    node), mapped from ``data_range`` to ``model_range`` (the range the process sees)."""
+    import hydra.utils
+
+    data_cfg = dict(_to_plain(data))
+    data_cfg.pop("metrics", None)
+    datamodule = hydra.utils.instantiate(data_cfg)
+    datamodule.prepare_data()
+    x = datamodule.reference_samples(int(num_images), split="train")
+    (d0, d1), (m0, m1) = data_range, model_range
+    return (x.to(torch.float64) - d0) / (d1 - d0) * (m1 - m0) + m0
+
+
+def default_schedule_path(name: str, key_settings: dict[str, Any], data_key: str) -> Path:
+    """``<cache>/blur_schedules/<name>-<key>.json``, key = hash of settings and data config."""
+    from diffusion_lab.cache import cache_dir
+
+    text = json.dumps({"settings": key_settings, "data": data_key}, sort_keys=True, default=str)
+    return (
+        cache_dir()
+        / "blur_schedules"
+        / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    )
+
+
+def resolve_schedule(
+    name: str,
+    method: str,
+    num_levels: int = 32,
+    blur_min: float = 0.01,
+    blur_max: float = 23.0,
+    sigma: float = 0.1,
+    num_candidates: int = 256,
+    spacing: str = "linear",
+    ve_sigma_min: float = 0.01,
+    ve_sigma_max: float = 50.0,
+    num_images: int = 1000,
+    data_range: Sequence[float] = (0.0, 1.0),
+    model_range: Sequence[float] = (0.0, 1.0),
+    blur: Any = None,
+    data: Any = None,
+    file: str | None = None,
+    progress: bool = False,
+    objective: str = "sum",
+) -> tuple[BlurSchedule, Path | None]:
+    """The schedule a ``conf/blur_schedule/*.yaml`` describes, and the file it was read from or
+    written to (None for ``linear``).
+
+    ``file`` set: read that file (written by ``python -m diffusion_lab.soft_schedule``); its
+    blur_min, blur_max and num_levels must agree with the config's. ``file`` null: the cache
+    file keyed by the settings and the resolved data config is read if it exists, else the
+    schedule is computed from the data once, saved there (the log names the file) and reused.
+    """
+    if method == "linear":
+        return compute_schedule("linear", None, None, name=name, num_levels=num_levels,
+                                blur_min=blur_min, blur_max=blur_max), None  # fmt: skip
+    if file:
+        schedule = load_schedule(file)
+        for key, want in (
+            ("blur_min", blur_min),
+            ("blur_max", blur_max),
+            ("num_levels", num_levels),
+        ):
+            have = schedule.settings.get(key)
+            if have is not None and not math.isclose(float(have), float(want), rel_tol=1e-9):
+                raise ConfigError(
+                    f"blur schedule file {file} was computed with {key}={have}, the config asks "
+                    f"for {key}={want}: recompute it or change blur_schedule.{key}"
+                )
+        return schedule, Path(file)
+    if data is None:
+        raise ConfigError(f"blur schedule {name} needs the data config (blur_schedule.data)")
+    import hydra.utils
+
+    blur_cfg = _to_plain(blur) if blur is not None else None
+    key_settings = {"method": method, "num_levels": num_levels, "blur_min": blur_min,
+                    "blur_max": blur_max, "sigma": sigma, "num_candidates": num_candidates,
+                    "spacing": spacing, "objective": objective, "ve_sigma_min": ve_sigma_min,
+                    "ve_sigma_max": ve_sigma_max, "num_images": num_images,
+                    "data_range": list(data_range), "model_range": list(model_range),
+                    "blur": blur_cfg}  # fmt: skip
+    data_plain = {k: v for k, v in dict(_to_plain(data)).items()
+                  if k not in ("batch_size", "num_workers", "seed", "metrics", "eval_batch_size")}  # fmt: skip
+    path = default_schedule_path(
+        name, key_settings, json.dumps(data_plain, sort_keys=True, default=str)
+    )
+    if path.is_file():
+        return load_schedule(path), path
+    blur_fn = hydra.utils.instantiate(blur_cfg) if blur_cfg is not None else gaussian_blur
+    x0 = training_images(data, num_images, data_range, model_range)
+    log.info("blur schedule %s: computing from %d training images", name, x0.shape[0])
+    schedule = compute_schedule(
+        method, x0, blur_fn, name=name, num_levels=num_levels, blur_min=blur_min,
+        blur_max=blur_max, sigma=sigma, num_candidates=num_candidates, spacing=spacing,
+        ve_sigma_min=ve_sigma_min, ve_sigma_max=ve_sigma_max, progress=progress,
+        objective=objective,
+    )  # fmt: skip
+    schedule.settings["data_config"] = data_plain
+    save_schedule(path, schedule)
+    log.info("blur schedule %s: saved to %s", name, path)
+    return schedule, path
+
+
+def blur_levels(**kwargs: Any) -> list[float]:
+    """The ``_target_`` of ``conf/blur_schedule/*.yaml``: the blur levels as a list of floats.
+
+    A soft process config reads ``blur_levels: ${blur_schedule}``; Hydra instantiates this node
+    first (``_recursive_: false`` keeps its ``data`` and ``blur`` nodes as configs) and passes
+    the list. Keyword arguments: those of :func:`resolve_schedule`.
+    """
+    schedule, _ = resolve_schedule(**kwargs)
+    return [float(v) for v in schedule.levels]
