@@ -137,7 +137,9 @@ def test_a_model_and_its_plain_score_function_give_identical_samples(name):
 
 
 def test_a_sampler_a_process_cannot_serve_stops_at_build():
-    with pytest.raises(ConfigError, match="annealed_langevin needs a process that keeps noise at t = 0"):
+    with pytest.raises(
+        ConfigError, match="annealed_langevin needs a process that keeps noise at t = 0"
+    ):
         check_sampler(functools.partial(annealed_langevin, steps=None), VPSDE())
     with pytest.raises(ConfigError, match="ddim needs a process that is a linear SDE"):
         check_sampler(functools.partial(ddim, steps=10), ScalarCorruption(VPSDE()))

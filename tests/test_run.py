@@ -102,7 +102,10 @@ def test_unknown_config_key_stops_with_one_clear_message(tmp_path):
         ("data.batch_size=0", "batch_size"),
         ("process.num_steps=1", "num_steps"),
         ("data=cifar10", "data=digits"),
-        ("sampler=annealed_langevin", "annealed_langevin needs a process that keeps noise at t = 0"),
+        (
+            "sampler=annealed_langevin",
+            "annealed_langevin needs a process that keeps noise at t = 0",
+        ),
         ("sampler.steps=0", "steps must lie in [1, 1000]"),
     ],
 )
