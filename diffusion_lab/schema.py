@@ -79,8 +79,9 @@ THIRD_PARTY: dict[Any, dict[str, Any]] = {
         "weight_decay": NonNegativeFloat,
     },
 }
-#: Keys the run reads itself rather than passing them to the target.
-READ_BY_RUN = {"data.metrics", "blur_schedule.data.metrics"}  # blur_schedule: conf/blur_schedule/
+#: Keys of a node that the run reads itself rather than passing them to the target: a data
+#: set's metrics, wherever its node stands (a blur schedule carries a copy of ``data``).
+READ_BY_RUN = ("metrics",)
 _STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
 
 
@@ -138,7 +139,8 @@ def check_node(key: str, values: Mapping[str, Any], target: Callable) -> None:
     annotations, takes_kwargs = parameters(target)
     for name, value in values.items():
         full_key = f"{key}.{name}" if key else name
-        if name.startswith("_") and name.endswith("_") or full_key in READ_BY_RUN:
+        read_by_run = name in READ_BY_RUN and (key == "data" or key.endswith(".data"))
+        if name.startswith("_") and name.endswith("_") or read_by_run:
             continue  # Hydra's _target_, _partial_, ...
         if name not in annotations:
             if not takes_kwargs:

@@ -1,7 +1,7 @@
 """``python -m diffusion_lab.soft_schedule [--out PATH] [Hydra overrides]``: Soft Diffusion blur levels.
 
-Composes the project's config with the overrides (e.g. ``data=digits data.image_size=16
-blur_schedule.blur_max=8``, ``blur_schedule=soft_mse_matched``), computes the levels of its
+Composes the project's config with ``process=soft_blur`` and the overrides (e.g. ``data=digits
+data.image_size=16 process.blur_max=8``, ``blur_schedule=soft_mse_matched``), computes the levels of its
 ``blur_schedule`` (:mod:`diffusion_lab.schedules.soft`) from the training split, with a progress
 bar over the bisection on eps, and writes them with their settings and the data's hash to a JSON
 file: ``--out`` or the cache file that runs with the same settings and data reuse. Prints the
@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> BlurSchedule:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with one_line_errors():
+        overrides = args.overrides
+        if not any(o.startswith("process=") for o in overrides):
+            overrides = ["process=soft_blur", *overrides]  # the process whose levels these are
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=args.overrides)
+            cfg = compose("config", overrides=overrides)
         node = OmegaConf.to_container(cfg.blur_schedule, resolve=False)
         node = OmegaConf.to_container(
             OmegaConf.merge(cfg, {"blur_schedule": node}).blur_schedule, resolve=True

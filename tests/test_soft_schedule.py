@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from diffusion_lab.build import instantiate
 from diffusion_lab.data.digits import load_digits_arrays
@@ -207,17 +207,14 @@ def _compose(overrides):
 
 
 def test_each_blur_schedule_config_instantiates_to_a_list_of_floats_and_is_cached():
-    common = ["data=digits", "data.image_size=16", "blur_schedule.blur_max=8.0",
-              "blur_schedule.num_levels=12"]  # fmt: skip
+    common = ["process=soft_blur", "data=digits", "data.image_size=16", "process.blur_max=8.0",
+              "process.num_blur_levels=12"]  # fmt: skip
     data_driven = ["blur_schedule.num_images=100"]
     extra = {"soft_wasserstein": [*data_driven, "blur_schedule.num_candidates=64"],
              "soft_mse_matched": data_driven, "soft_linear": []}  # fmt: skip
     for name in ("soft_wasserstein", "soft_mse_matched", "soft_linear"):
         cfg = _compose([f"blur_schedule={name}", *common, *extra[name]])
-        process = OmegaConf.create({"_target_": "builtins.dict", "blur_levels": "${blur_schedule}"})
-        with open_dict(cfg):
-            cfg.process = process  # a stand-in soft process: blur_levels: ${blur_schedule}
-        levels = instantiate(cfg.process)["blur_levels"]
+        levels = instantiate(cfg.process).levels.tolist()  # the process reads the schedule
         assert isinstance(levels, list) and all(isinstance(v, float) for v in levels)
         assert len(levels) == 12 and levels[0] == 0.01 and levels[-1] == 8.0
         schedule, path = soft.resolve_schedule(
@@ -232,13 +229,17 @@ def test_the_cli_writes_a_file_that_the_config_reads(tmp_path, capsys):
     from diffusion_lab.soft_schedule import main
 
     out = tmp_path / "levels.json"
-    overrides = ["data=digits", "data.image_size=16", "blur_schedule.blur_max=8.0",
+    overrides = ["data=digits", "data.image_size=16", "process.blur_max=8.0",
                  "blur_schedule.num_images=100", "blur_schedule.num_candidates=64",
-                 "blur_schedule.num_levels=10"]  # fmt: skip
+                 "process.num_blur_levels=10"]  # fmt: skip
     schedule = main(["--no-progress", "--out", str(out), *overrides])
     assert f"blur_schedule.file={out}" in capsys.readouterr().out
-    cfg = _compose([*overrides, f"blur_schedule.file={out}", "data.image_size=8"])
+    cfg = _compose(
+        ["process=soft_blur", *overrides, f"blur_schedule.file={out}", "data.image_size=8"]
+    )
     assert instantiate(cfg.blur_schedule) == schedule.levels  # the file, not the data
-    cfg = _compose([*overrides, f"blur_schedule.file={out}", "blur_schedule.blur_max=9.0"])
+    cfg = _compose(
+        ["process=soft_blur", *overrides, f"blur_schedule.file={out}", "process.blur_max=9.0"]
+    )
     with pytest.raises(soft.ConfigError, match="blur_max"):
         instantiate(cfg.blur_schedule)

@@ -90,11 +90,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import brentq, linear_sum_assignment
 from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.operators import GaussianBlur
 
 log = logging.getLogger("diffusion_lab")
 
@@ -111,25 +111,13 @@ SCHEDULE_FORMAT = 1
 
 
 def gaussian_blur(x: torch.Tensor, std: float, half_size: int | None = None) -> torch.Tensor:
-    """A zero-padded Gaussian blur of std ``std`` (pixels), separable, kernel sampled and summed to 1.
-
-    A reference blur for the scheduler and its tests (the process's own operator is another
-    module's; any ``blur(x, std)`` serves). ``half_size`` None: H - 1 or W - 1, which with zero
-    padding equals the untruncated kernel (taps further out only ever meet the padding). The
-    kernel of std 0.01 is the identity to float precision (its off-centre taps are exp(-5000)).
-    """
+    """The soft process's blur (``operators.GaussianBlur``, zero padding) of one std for the
+    whole batch: the ``blur(x, std)`` the schedules use by default. ``half_size`` None: H - 1 or
+    W - 1, which with zero padding is the untruncated kernel (taps further out only ever meet the
+    padding). The kernel of std 0.01 is the identity to float precision."""
     x = torch.as_tensor(x)
-    b, c, h, w = x.shape
-    out = x.reshape(b * c, 1, h, w)
-    for axis, size in ((2, h), (3, w)):
-        half = size - 1 if half_size is None else min(int(half_size), size - 1)
-        taps = torch.arange(-half, half + 1, dtype=torch.float64)
-        kernel = torch.exp(-0.5 * (taps / float(std)) ** 2)
-        kernel = (kernel / kernel.sum()).to(x.dtype)
-        shape = (1, 1, 2 * half + 1, 1) if axis == 2 else (1, 1, 1, 2 * half + 1)
-        pad = (half, 0) if axis == 2 else (0, half)
-        out = F.conv2d(out, kernel.reshape(shape), padding=pad)
-    return out.reshape(b, c, h, w)
+    half = max(x.shape[-2:]) - 1 if half_size is None else int(half_size)
+    return GaussianBlur(torch.full((x.shape[0],), float(std)), half).apply(x)
 
 
 def candidate_blurs(
