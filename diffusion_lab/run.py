@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.build import (
@@ -30,7 +31,12 @@ from diffusion_lab.build import (
 )
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.callbacks.ranks import dead_ranks
-from diffusion_lab.errors import DiffusionLabError, TrainingDivergedError, TrainingFailedError
+from diffusion_lab.errors import (
+    DataError,
+    DiffusionLabError,
+    TrainingDivergedError,
+    TrainingFailedError,
+)
 from diffusion_lab.metrics.evaluator import SampleEvaluator
 from diffusion_lab.schema import check_config, check_overrides
 
@@ -97,6 +103,29 @@ def naming_last_checkpoint(run_dir: Path) -> Iterator[None]:
         ) from None
 
 
+def offline_overrides(experiment: str) -> str:
+    """The overrides of an experiment's ``# offline:`` line (embedded data instead of a download)."""
+    path = Path(config_dir()) / "experiment" / f"{experiment}.yaml"
+    for line in path.read_text().splitlines():
+        if line.startswith("# offline:"):
+            return line.removeprefix("# offline:").split("(")[0].strip()
+    return ""
+
+
+@contextmanager
+def naming_offline_line() -> Iterator[None]:
+    """A missing data set of an experiment says how to run that experiment offline."""
+    try:
+        yield
+    except DataError as exc:
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+        offline = offline_overrides(experiment) if experiment else ""
+        if not offline:
+            raise
+        command = f"python -m diffusion_lab.run +experiment={experiment} {offline}"
+        raise DataError(f"{exc}; this experiment offline: {command}") from None
+
+
 def resume_hint(run_dir: Path) -> str:
     """The last good checkpoint (or "none written yet") and the command line to resume."""
     path = last_checkpoint_path(run_dir)
@@ -113,8 +142,9 @@ def train(cfg: DictConfig) -> float | None:
     datamodule, metrics = build_datamodule(cfg)
     SampleEvaluator.prepare(metrics)  # e.g. train the digits classifier, before the seed is set
     L.seed_everything(cfg.seed, workers=True)
-    datamodule.prepare_data()
-    datamodule.setup("fit")  # a missing or corrupt data set stops the run here, before training
+    with naming_offline_line():  # a missing or corrupt data set stops the run here, before training
+        datamodule.prepare_data()
+        datamodule.setup("fit")
     method = build_method(cfg, metrics)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
     if ckpt_path is not None:

@@ -98,6 +98,8 @@ def test_every_config_option_fits_the_schema():
                 overrides = ["data=toy2d", "network=mlp"]
             elif group.name == "schedule" and not option.stem.startswith("beta"):
                 overrides = ["process=ve", f"schedule={option.stem}"]
+            elif group.name == "blur_schedule":  # chosen by the soft blur process
+                overrides = ["process=soft_blur", f"blur_schedule={option.stem}"]
             else:
                 overrides = [f"{group.name}={option.stem}"]
             cfg = compose_config(str(conf), overrides)

@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from diffusion_lab import run
 from diffusion_lab.build import build_datamodule, build_method
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -13,10 +14,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def offline_overrides(name: str) -> list[str]:
-    for line in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines():
-        if line.startswith("# offline:"):
-            return line.removeprefix("# offline:").split("(")[0].split()
-    raise AssertionError(f"experiment {name} has no '# offline:' line")
+    overrides = run.offline_overrides(name).split()
+    assert overrides, f"experiment {name} has no '# offline:' line"
+    return overrides
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -29,6 +29,20 @@ class WarmupEMA(WeightAveraging):
         super().__init__(use_buffers=False, avg_fn=self._average)
         self.swapped = False  # the EMA weights are in the model (during a validation)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Give the averaged copy the model's buffers as they are now: Lightning copies the
+        module at setup, before the method fits its process to the data (``process.fit`` fills
+        buffers of new shapes at fit start), and then keeps buffers in sync by an in-place copy,
+        which cannot change a shape."""
+        if self._average_model is None:
+            return
+        averaged = self._average_model.module
+        for name, buffer in pl_module.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            holder = averaged.get_submodule(owner)
+            if holder._buffers[leaf].shape != buffer.shape:
+                holder._buffers[leaf] = buffer.detach().clone()
+
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
         self.swapped = self._average_model is not None
