@@ -11,12 +11,14 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.callbacks.ranks import RankRegistry
 from diffusion_lab.errors import ConfigError, DiffusionLabError
 from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.metrics.evaluator import SampleEvaluator
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import check_sampler
 
 
@@ -124,6 +126,17 @@ def load_safely(path: str | Path) -> Any:
         raise ConfigError(f"{path} is not a readable torch file ({reason}): give another") from None
 
 
+def fitted_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of the buffers that processes inside ``module`` fill from training data
+    (``ForwardProcess.register_fitted``), whose shapes come from the data."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules(remove_duplicate=False)
+        if isinstance(sub, ForwardProcess)
+        for name in sub._fitted_names
+    }
+
+
 def load_checkpoint(path: str | Path, method: L.LightningModule) -> dict[str, Any]:
     """The checkpoint at ``path`` (see :func:`load_safely`), checked to fit ``method``: the same
     method and process families as recorded in its run config, the same keys and shapes."""
@@ -141,6 +154,7 @@ def load_checkpoint(path: str | Path, method: L.LightningModule) -> dict[str, An
                 f"checkpoint {path} was trained with {group} {theirs}, this run has {ours}: {fix}"
             )
     expected = method.state_dict()
+    fitted = fitted_keys(method)  # what a process estimated from data: any shape on load
     for key in [*expected, *(k for k in state if k not in expected)]:
         if key not in state or key not in expected:
             where = "this run's model" if key in expected else "the checkpoint"
@@ -148,7 +162,7 @@ def load_checkpoint(path: str | Path, method: L.LightningModule) -> dict[str, An
                 f"checkpoint {path} does not fit this run: only {where} has {key} (trained with "
                 f"another method or network: {fix})"
             )
-        if state[key].shape != expected[key].shape:
+        if state[key].shape != expected[key].shape and key not in fitted:
             raise ConfigError(
                 f"checkpoint {path} does not fit this run: {key} is {list(state[key].shape)} there "
                 f"and {list(expected[key].shape)} here (trained with another network / "
