@@ -103,13 +103,14 @@ def naming_last_checkpoint(run_dir: Path) -> Iterator[None]:
         ) from None
 
 
-def offline_overrides(experiment: str) -> str:
-    """The overrides of an experiment's ``# offline:`` line (embedded data instead of a download)."""
+def offline_overrides(experiment: str) -> str | None:
+    """The overrides of an experiment's ``# offline:`` line (embedded data instead of a
+    download; empty for an experiment that is offline already), None without such a line."""
     path = Path(config_dir()) / "experiment" / f"{experiment}.yaml"
     for line in path.read_text().splitlines():
         if line.startswith("# offline:"):
             return line.removeprefix("# offline:").split("(")[0].strip()
-    return ""
+    return None
 
 
 @contextmanager

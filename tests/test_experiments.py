@@ -14,9 +14,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def offline_overrides(name: str) -> list[str]:
-    overrides = run.offline_overrides(name).split()
-    assert overrides, f"experiment {name} has no '# offline:' line"
-    return overrides
+    overrides = run.offline_overrides(name)
+    assert overrides is not None, f"experiment {name} has no '# offline:' line"
+    return overrides.split()
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
