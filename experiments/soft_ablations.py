@@ -4,7 +4,7 @@ issue 10 item 7).
 Models, each trained for the same budget from ``+experiment=soft_blur_celeba`` with its offline
 overrides (``data=digits data.image_size=16 network=ncsnpp_small process.blur_max=6.0``; NCSN++
 conditioned on t, residual to the clean image) and a CPU schedule common to all (Adam 1e-3 after
-100 warm-up steps, EMA 0.999, batch 128), one per seed:
+100 warm-up steps, EMA 0.999, batch 128, 600 steps), one per seed:
 
 - ``soft``: Soft Score Matching (eq. 12), blur levels on the shortest Wasserstein path (sec. 3.3);
 - ``cold``: the Cold Diffusion loss (the same without C_t, sec. 3.1) instead;
@@ -12,7 +12,7 @@ conditioned on t, residual to the clean image) and a CPU schedule common to all 
 - ``ve``: the VE SDE (``+experiment=sde_ve_cifar10`` offline: the same NCSN++ with Fourier features
   of log sigma, sigma 0.01 -> 10, continuous DSM), the paper's baseline at equal NFE.
 
-Sampling (256 samples a setting, the EMA weights): ``soft`` with the Momentum Sampler (Alg. 2), the
+Sampling (128 samples a setting, the EMA weights): ``soft`` with the Momentum Sampler (Alg. 2), the
 Naive Sampler (Alg. 1) and the probability-flow Momentum Sampler (eq. 44) at 280 steps, and with
 its two fitted priors (mean colour, blurred data); ``cold`` and ``mse`` with Momentum at 280; the
 NFE curve of ``soft`` (Momentum) against ``ve`` (reverse-diffusion predictor, no corrector) at
@@ -65,12 +65,18 @@ NFE_STEPS = [10, 35, 70, 140, 280]
 
 
 def train(model: str, seed: int, steps: int) -> float:
-    """Train one model into RUNS/<model>_seed<seed> (reused when its checkpoint exists)."""
+    """Train one model into RUNS/<model>_seed<seed>: reused when its checkpoint has ``steps``
+    steps, resumed (exactly: the framework's guarantee) when it has fewer."""
     run_dir = RUNS / f"{model}_seed{seed}"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    done = torch.load(ckpt, weights_only=True, mmap=True)["global_step"] if ckpt.is_file() else 0
+    if done > steps:
+        raise SystemExit(f"{run_dir} holds {done} steps, more than --steps {steps}: delete it")
     start = time.time()
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if done < steps:
         command = [sys.executable, "-m", "diffusion_lab.run", *MODELS[model], *CPU_SCHEDULE,
-                   f"trainer.max_steps={steps}", f"seed={seed}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+                   f"trainer.max_steps={steps}", f"seed={seed}", f"hydra.run.dir={run_dir}",
+                   *(["ckpt_path=last"] if done else [])]  # fmt: skip
         subprocess.run(command, check=True, env=ENV, stdout=subprocess.DEVNULL)
     return time.time() - start
 
@@ -206,9 +212,9 @@ def plot(summary: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, 60 steps, 32 samples")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per model")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--jobs", type=int, default=2, help="models trained at a time")
     parser.add_argument("--eval-one", nargs=3, metavar=("MODEL", "SEED", "N"))
     parser.add_argument("--runs", type=Path, default=None, help="folder of the trained runs")
