@@ -88,17 +88,20 @@ def test_the_path_is_the_brute_force_shortest_path_on_random_graphs(objective):
             assert path == sorted(path) and path[0] == 0 and path[-1] == 7
 
 
-def count_sweep(d, objective):
+def count_sweep(d, objective=None):
+    """The path's level count at every distinct distance from the bottleneck up (None: the
+    scheduler's default objective)."""
     values = np.unique(d[np.triu_indices(d.shape[0], 1)])
     values = values[values >= soft.bottleneck(d)]
-    return [len(soft.shortest_path(d, v, objective)[0]) for v in values]
+    kwargs = {} if objective is None else {"objective": objective}
+    return [len(soft.shortest_path(d, v, **kwargs)[0]) for v in values]
 
 
-def test_fewest_levels_count_never_grows_with_eps_on_synthetic_and_blur_graphs(blur_distances):
+def test_the_default_count_never_grows_with_eps_on_synthetic_and_blur_graphs(blur_distances):
     rng = np.random.default_rng(1)
     graphs = [random_metric(rng, 12) for _ in range(10)] + [blur_distances[1]]
     for d in graphs:
-        counts = count_sweep(d, "fewest_levels")
+        counts = count_sweep(d)
         assert all(a >= b for a, b in zip(counts, counts[1:]))
         assert counts[-1] == 2
 
@@ -119,9 +122,9 @@ def test_sum_count_is_not_monotone_for_every_metric_the_docstring_example():
         d[names.index(p), names.index(q)] = d[names.index(q), names.index(p)] = v
     for i, j, k in itertools.permutations(range(5), 3):
         assert d[i, k] <= d[i, j] + d[j, k] + 1e-12  # a metric
-    assert soft.shortest_path(d, 5.0)[0] == [0, 2, 4]
-    assert soft.shortest_path(d, 5.5)[0] == [0, 1, 3, 4]
-    assert len(soft.shortest_path(d, 5.5, "fewest_levels")[0]) == 3
+    assert soft.shortest_path(d, 5.0, "sum")[0] == [0, 2, 4]
+    assert soft.shortest_path(d, 5.5, "sum")[0] == [0, 1, 3, 4]
+    assert soft.shortest_path(d, 5.5)[0] == [0, 2, 4]  # the default: fewest levels
 
 
 def test_sum_count_on_the_blur_example_falls_overall_with_small_rises(blur_distances):
@@ -159,9 +162,7 @@ def test_bisection_hits_32_levels_on_digits(digits16):
     levels, info = soft.wasserstein_path_levels(x, blur, 32, 0.01, 8.0, 128)
     assert len(levels) == 32 and info["exact"] and levels[0] == 0.01 and levels[-1] == 8.0
     assert levels == sorted(levels)
-    levels, info = soft.wasserstein_path_levels(
-        x, blur, 32, 0.01, 8.0, 128, objective="fewest_levels"
-    )
+    levels, info = soft.wasserstein_path_levels(x, blur, 32, 0.01, 8.0, 128, objective="sum")
     assert len(levels) == 32 and info["exact"]
 
 
