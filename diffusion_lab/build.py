@@ -42,6 +42,9 @@ def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, list[str]]
     """The DataModule and the metric names its data call for (``data.metrics``)."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     metrics = list(data_cfg.pop("metrics", []) or [])
+    for value in data_cfg.values():  # a wrapped source data set (data=few_images): its own
+        if isinstance(value, dict) and "_target_" in value:  # metrics are not the run's
+            value.pop("metrics", None)
     return instantiate(data_cfg), metrics
 
 

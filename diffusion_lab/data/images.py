@@ -176,7 +176,8 @@ class ImageFolderDataModule(TensorDataModule):
     ``crop`` centre-crops that many pixels (None: the largest square) before the bicubic resize.
     ``holdout`` images (a seeded choice) are kept out of training and serve as val and test; with
     ``holdout: 0`` (default, for few-image studies) val and test are the training images.
-    ``n_copies`` repeats the training images to lengthen an epoch. Labels are 0.
+    ``n_copies`` repeats the training images to lengthen an epoch. ``files`` keeps only the
+    named files of the folder, in that order (e.g. the FP paper's ``[celeba_3.png]``). Labels are 0.
     """
 
     def __init__(
@@ -192,10 +193,12 @@ class ImageFolderDataModule(TensorDataModule):
         channels: int = 3,
         value_range: Sequence[float] | None = (0.0, 1.0),
         on_bad_file: str = "error",
+        files: Sequence[str] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, image_size, channels, value_range)
         self.require_image_args()
         self.root = resolve_root(root)
+        self.names = None if files is None else [str(f) for f in files]
         self.crop = check_optional_int("crop", crop)
         self.holdout = check_int("holdout", holdout, 0)
         self.n_copies = check_int("n_copies", n_copies, 1)
@@ -214,7 +217,15 @@ class ImageFolderDataModule(TensorDataModule):
             raise DataError(
                 f"no PNG/JPEG images in {self.root}; set data.root to a folder of PNG/JPEG files"
             )
-        return files
+        if self.names is None:
+            return files
+        by_name = {f.name: f for f in files}
+        missing = [n for n in self.names if n not in by_name]
+        if missing:
+            raise DataError(
+                f"data.files: {missing} not in {self.root} (it holds {sorted(by_name)})"
+            )
+        return [by_name[n] for n in self.names]
 
     def decode(self) -> torch.Tensor:
         """Every readable file as float32 (N, channels, image_size, image_size), by the policy."""

@@ -35,14 +35,18 @@ class DenoisingScoreMatching:
         process = model.process
         t = sample_times(process, x0.shape[0], x0.device, self.time_sampling, self.eps)
         noise = torch.randn_like(x0)
-        xt = process.sample_marginal(x0, t, noise)
-        sigma = process.std(t)
-        score = model.score(xt, t)
         if self.weighting == "variance":
-            residual = append_dims(sigma, x0.ndim) * score + noise
-            per_example = residual.pow(2).flatten(1).sum(1)
-        else:
-            g = process.sde(xt, t)[1]
-            residual = score + noise / append_dims(sigma, x0.ndim)
-            per_example = g.pow(2) * residual.pow(2).flatten(1).sum(1)
-        return 0.5 * per_example.mean()
+            return self.variance_weighted(model, x0, t, noise).mean()
+        xt = process.sample_marginal(x0, t, noise)
+        g = process.sde(xt, t)[1]
+        residual = model.score(xt, t) + noise / append_dims(process.std(t), x0.ndim)
+        return 0.5 * (g.pow(2) * residual.pow(2).flatten(1).sum(1)).mean()
+
+    @staticmethod
+    def variance_weighted(
+        model: ScoreModel, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """1/2 || sigma(t) s_theta(x_t, t) + z ||^2 per example (B,), x_t = mean + sigma z."""
+        xt = model.process.sample_marginal(x0, t, noise)
+        sigma = append_dims(model.process.std(t), x0.ndim)
+        return 0.5 * (sigma * model.score(xt, t) + noise).pow(2).flatten(1).sum(1)

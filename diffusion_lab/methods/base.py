@@ -70,6 +70,10 @@ class DiffusionMethod(TrainingModule):
         self.evaluator = evaluator
         self.last_samples: torch.Tensor | None = None
         self.last_nfe: int | None = None
+        self.check_parts()
+
+    def check_parts(self) -> None:
+        """Stop at build time on parts that cannot work together (a subclass's rules)."""
 
     # ---------------------------------------------------------------- training
     def score_fn(self) -> ScoreModel:
@@ -91,19 +95,22 @@ class DiffusionMethod(TrainingModule):
             )
             self.process.fit(self.to_model_range(x).to(self.device))
 
+    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch in model range (a method may give the loss more context)."""
+        return self.loss_fn(self.model, x)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if self.dequantize:
             x = x * 255 / 256 + torch.rand_like(x) / 256
-        x = self.to_model_range(x)
-        loss = self.loss_fn(self.model, x)
+        loss = self.batch_loss(self.to_model_range(x))
         self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = self.to_model_range(batch[0] if isinstance(batch, (list, tuple)) else batch)
-        loss = self.loss_fn(self.model, x)
+        loss = self.batch_loss(x)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True)
         if batch_idx == 0 and x.ndim == 4 and not self.trainer.sanity_checking:
             images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -141,9 +148,14 @@ class DiffusionMethod(TrainingModule):
         samples, nfe = self.generate(self.num_eval_samples)
         self.last_samples, self.last_nfe = samples, nfe
         self.log("sample/nfe", float(nfe), rank_zero_only=True)
-        if self.evaluator is not None:
-            for name, value in self.evaluator(samples, self.trainer.datamodule).items():
-                self.log(f"metrics/{name}", value, rank_zero_only=True)
+        for name, value in self.sample_metrics(samples).items():
+            self.log(f"metrics/{name}", value, rank_zero_only=True)
+
+    def sample_metrics(self, samples: torch.Tensor) -> dict[str, float]:
+        """The evaluator's scores of samples (data range) against the DataModule's held-out data."""
+        if self.evaluator is None:
+            return {}
+        return self.evaluator(samples, self.trainer.datamodule)
 
     @torch.no_grad()
     def generate(

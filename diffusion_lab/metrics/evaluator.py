@@ -4,7 +4,9 @@ Metric names (chosen per data set by ``data.metrics``):
 ``fid_digits`` / ``kid_digits`` (features of the project's digits classifier, never called FID),
 ``fid`` / ``kid`` (Inception; skipped with a warning when its weights cannot be had),
 ``class_coverage`` (confident fraction, classes present, balance), ``sliced_wasserstein``,
-and the paired ``ssim`` / ``psnr`` / ``mse`` against the reference images (single-image data).
+and the paired ``ssim`` / ``global_ssim`` (the FP paper's, eq. 26-29) / ``psnr`` / ``mse``, each
+sample against the reference image nearest to it in MSE (single- and few-image data: a denoised
+or generated image against the training image it reproduces).
 The number of samples and of reference images is always reported with the scores.
 """
 
@@ -21,8 +23,9 @@ from diffusion_lab.metrics.sliced_wasserstein import sliced_wasserstein
 
 METRICS = (
     "fid_digits", "kid_digits", "fid", "kid", "class_coverage", "sliced_wasserstein",
-    "ssim", "psnr", "mse",
+    "ssim", "global_ssim", "psnr", "mse",
 )  # fmt: skip
+PAIRED = ("ssim", "global_ssim", "psnr", "mse")
 
 
 class SampleEvaluator:
@@ -47,9 +50,11 @@ class SampleEvaluator:
 
     def __call__(self, samples: torch.Tensor, datamodule) -> dict[str, float]:
         samples = samples.detach().float().cpu()
-        paired = any(m in self.metrics for m in ("ssim", "psnr", "mse"))
+        paired = any(m in self.metrics for m in PAIRED)
         count = len(samples) if paired else self.num_reference
         reference = datamodule.reference_samples(count).float().cpu()
+        if paired:
+            reference = nearest_images(samples, reference)
         results = {"num_reference": float(len(reference))}
         for name in self.metrics:
             results.update(self.score(name, samples, reference))
@@ -68,8 +73,7 @@ class SampleEvaluator:
         if name == "sliced_wasserstein":
             generator = torch.Generator().manual_seed(self.seed)
             return {name: sliced_wasserstein(samples, reference, generator=generator)}
-        n = min(len(samples), len(reference))
-        return {name: getattr(image_quality, name)(samples[:n], reference[:n])}
+        return {name: getattr(image_quality, name)(samples, reference)}
 
     @staticmethod
     def _frechet(compute, name: str, samples, reference, **kwargs) -> dict[str, float]:
@@ -80,3 +84,9 @@ class SampleEvaluator:
             warnings.warn(f"{name} skipped: {exc}", stacklevel=2)
             return {}
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def nearest_images(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """For each sample the reference image nearest to it in MSE (B, C, H, W)."""
+    distance = torch.cdist(samples.flatten(1).double(), reference.flatten(1).double())
+    return reference[distance.argmin(dim=1)]

@@ -87,3 +87,23 @@ def mse(preds: torch.Tensor, target: torch.Tensor) -> float:
     """Mean squared error over all pixels of the batch."""
     preds, target = _check(preds, target)
     return float(mean_squared_error(preds.flatten(), target.flatten()))
+
+
+def global_ssim(preds: torch.Tensor, target: torch.Tensor) -> float:
+    """The FP paper's SSIM (Na et al. eq. 26-29): one window, the whole image, per channel.
+
+    l c s with alpha = beta = gamma = 1 from the pixel means, variances and covariance of each
+    image and channel, c1 = (0.01 L)^2, c2 = (0.03 L)^2, c3 = c2 / 2 (the paper prints 0.01 L and
+    0.03 L: misprints of Wang et al.'s squares), L = 1; the mean over images and channels. With
+    c3 = c2 / 2 the product is Wang et al.'s eq. 13 on one window. Sample statistics use 1 / n.
+    """
+    preds, target = _check(preds, target)
+    x, y = preds.double().flatten(2), target.double().flatten(2)
+    c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
+    mu_x, mu_y = x.mean(-1), y.mean(-1)
+    var_x, var_y = x.var(-1, unbiased=False), y.var(-1, unbiased=False)
+    cov = ((x - mu_x[..., None]) * (y - mu_y[..., None])).mean(-1)
+    value = (
+        (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    )
+    return float(value.mean())

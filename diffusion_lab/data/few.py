@@ -1,0 +1,55 @@
+"""A few images of a larger data set, repeated: the FP score embedding's training sets."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_lab.data.base import SplitDataModule, TensorDataModule, check_int
+from diffusion_lab.errors import DataError
+
+
+class FewImagesDataModule(TensorDataModule):
+    """The first ``count`` training images of ``source`` (of class ``label`` if given), each
+    repeated ``n_copies`` times for training; val and test are the images themselves.
+
+    The FP paper's CIFAR-10 runs took dog images (class 5) of its training set: ``source`` a
+    CIFAR-10 DataModule, ``label: 5``, ``count: 1`` or ``3``. Image size, channels and range are
+    the source's.
+    """
+
+    def __init__(
+        self,
+        source: SplitDataModule,
+        count: int = 1,
+        label: int | None = None,
+        n_copies: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size, num_workers, seed, source.image_size, source.channels, source.value_range
+        )
+        self.source = source
+        self.count = check_int("count", count, 1)
+        self.label = label
+        self.n_copies = check_int("n_copies", n_copies, 1)
+
+    def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        dataset = self.source.dataset("train")
+        picked = []
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            if self.label is None or int(y) == self.label:
+                picked.append((x, int(y)))
+            if len(picked) == self.count:
+                break
+        if len(picked) < self.count:
+            raise DataError(
+                f"data.count={self.count} but the source's training set has only {len(picked)} "
+                f"images{'' if self.label is None else f' of class {self.label}'}"
+            )
+        x = torch.stack([p[0] for p in picked])
+        y = torch.tensor([p[1] for p in picked], dtype=torch.int64)
+        repeat = torch.arange(self.count).repeat(self.n_copies)
+        return {"train": (x[repeat], y[repeat]), "val": (x, y), "test": (x, y)}
