@@ -79,7 +79,8 @@ solvers to a relative tolerance of 1e-12 started from the previous iterate: "gmr
 "bicgstab_dst" preconditioned by the exact fast sine-transform (``scipy.fft.dstn``, type I) solve
 of the constant-coefficient part I - 1/2 g^2 dt L (exact for zero padding), "gmres_ilu"
 (``spilu``) and "gmres_lu_reuse" (the LU of the step's first iterate reused as preconditioner for
-the later iterates). ``DEFAULT_SOLVER`` is the fastest measured by
+the later iterates); a Krylov solve that does not reach its tolerance falls back on the exact
+LU. ``DEFAULT_SOLVER`` is the fastest measured by
 experiments/fp_solver_benchmark.py.
 """
 
