@@ -178,8 +178,7 @@ def final_evaluation(method, datamodule, num_samples: int, run_dir: Path) -> dic
     torch.save(samples.cpu(), run_dir / "samples.pt")
     save_samples_picture(samples[:256], run_dir / "samples.png")
     results = {"nfe": float(nfe), "num_samples": float(num_samples)}
-    if method.evaluator is not None:
-        results = {**method.evaluator(samples, datamodule), **results}
+    results = {**method.sample_metrics(samples, datamodule), **results}
     (run_dir / "final_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

@@ -80,7 +80,8 @@ THIRD_PARTY: dict[Any, dict[str, Any]] = {
     },
 }
 #: Keys of a node that the run reads itself rather than passing them to the target: a data
-#: set's metrics, wherever its node stands (a blur schedule carries a copy of ``data``).
+#: set's metrics, wherever its node stands (a blur schedule carries a copy of ``data``; a
+#: wrapped data set, ``data.source``, its own).
 READ_BY_RUN = ("metrics",)
 _STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
 
@@ -139,7 +140,8 @@ def check_node(key: str, values: Mapping[str, Any], target: Callable) -> None:
     annotations, takes_kwargs = parameters(target)
     for name, value in values.items():
         full_key = f"{key}.{name}" if key else name
-        read_by_run = name in READ_BY_RUN and (key == "data" or key.endswith(".data"))
+        data_node = key == "data" or key.endswith((".data", ".source"))
+        read_by_run = name in READ_BY_RUN and data_node
         if name.startswith("_") and name.endswith("_") or read_by_run:
             continue  # Hydra's _target_, _partial_, ...
         if name not in annotations:

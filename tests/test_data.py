@@ -328,21 +328,23 @@ def test_image_folder_bad_file_policy(tmp_path: Path, caplog) -> None:
 
 # ----------------------------------------------------------------------------- configs
 def test_every_data_config_instantiates() -> None:
-    hydra_utils = pytest.importorskip("hydra.utils")
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
+
+    from diffusion_lab.build import build_datamodule
 
     names = sorted(p.stem for p in CONF.glob("*.yaml"))
     assert names == sorted(
         ["digits", "toy2d", "single_image", "natural_crops", "image_folder", "mnist", "cifar10",
-         "celeba", "imagenet"]
+         "celeba", "imagenet", "few_images", "cifar10_dogs", "fp_paper_celeba_single",
+         "fp_paper_celeba_three", "fp_paper_imagenet_three"]
     )  # fmt: skip
     for name in names:
-        raw = OmegaConf.load(CONF / f"{name}.yaml")
+        with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+            cfg = compose("config", overrides=[f"data={name}", "seed=7"])
         for key in ("_target_", "batch_size", "num_workers", "seed", "image_size", "channels"):
-            assert key in raw, (name, key)
-        assert raw.num_workers == 0 and "value_range" in raw
-        cfg = OmegaConf.to_container(OmegaConf.merge({"seed": 7}, {"data": raw}), resolve=True)
-        cfg["data"].pop("metrics", None)  # read by build.py / the evaluator, as value_range is
-        dm = hydra_utils.instantiate(cfg["data"])
-        assert dm.seed == 7 and dm.channels == raw.channels and dm.image_size == raw.image_size
+            assert key in cfg.data, (name, key)
+        assert cfg.data.num_workers == 0 and "value_range" in cfg.data
+        dm, _ = build_datamodule(cfg)  # metrics are read by build.py / the evaluator
+        assert dm.seed == 7 and dm.channels == cfg.data.channels
+        assert dm.image_size == cfg.data.image_size
         assert dm.value_range == (None if name == "toy2d" else (0.0, 1.0))

@@ -14,7 +14,7 @@ from diffusion_lab.run import offline_overrides
 
 EXPERIMENTS = ["fp_embed_cifar10_single", "fp_embed_celeba_single", "fp_embed_cifar10_multi",
                "fp_embed_imagenet_multi", "fp_embed_celeba_generate"]  # fmt: skip
-QUICK = ["trainer=debug", "trainer.max_steps=4", "+trainer.val_check_interval=4",
+QUICK = ["trainer=debug", "trainer.max_steps=4", "++trainer.val_check_interval=4",
          "method.num_eval_samples=3", "final_samples=3", "trainer.enable_progress_bar=false",
          "sampler.progress=false", "sampler.rtol=1e-3", "sampler.atol=1e-3",
          "data.n_copies=8", "data.batch_size=4"]  # fmt: skip

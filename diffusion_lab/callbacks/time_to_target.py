@@ -35,11 +35,19 @@ class TimeToTarget(L.Callback):
             self.train_seconds += time.perf_counter() - self._epoch_start
             self._epoch_start = None
 
+    def seconds(self, pl_module: L.LightningModule) -> float:
+        """Training seconds so far, the method's precomputation included."""
+        return self.train_seconds + float(getattr(pl_module, "precompute_seconds", 0.0))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the training time first, so that every epoch-end reader (the curves) has it."""
+        if not trainer.sanity_checking:
+            pl_module.log("time/train_seconds", self.seconds(pl_module))
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        seconds = self.train_seconds + float(getattr(pl_module, "precompute_seconds", 0.0))
-        pl_module.log("time/train_seconds", seconds)
+        seconds = self.seconds(pl_module)
         value = trainer.callback_metrics.get(self.metric)
         if value is None:
             return

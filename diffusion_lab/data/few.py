@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from diffusion_lab.data.base import SplitDataModule, TensorDataModule, check_int
-from diffusion_lab.errors import DataError
+from diffusion_lab.errors import ConfigError, DataError
 
 
 class FewImagesDataModule(TensorDataModule):
@@ -14,7 +16,8 @@ class FewImagesDataModule(TensorDataModule):
 
     The FP paper's CIFAR-10 runs took dog images (class 5) of its training set: ``source`` a
     CIFAR-10 DataModule, ``label: 5``, ``count: 1`` or ``3``. Image size, channels and range are
-    the source's.
+    the source's (``image_size``, ``channels`` and ``value_range``, which networks and methods read from the data config,
+    must agree with it).
     """
 
     def __init__(
@@ -26,7 +29,18 @@ class FewImagesDataModule(TensorDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        image_size: int | None = None,
+        channels: int | None = None,
+        value_range: Sequence[float] | None = None,
     ) -> None:
+        given_range = None if value_range is None else tuple(float(v) for v in value_range)
+        for name, given in (("image_size", image_size), ("channels", channels),
+                            ("value_range", given_range)):  # fmt: skip
+            if given is not None and given != getattr(source, name):
+                raise ConfigError(
+                    f"data.{name}={given} differs from the source's {getattr(source, name)}: "
+                    f"set data.source.{name}"
+                )
         super().__init__(
             batch_size, num_workers, seed, source.image_size, source.channels, source.value_range
         )

@@ -151,11 +151,12 @@ class DiffusionMethod(TrainingModule):
         for name, value in self.sample_metrics(samples).items():
             self.log(f"metrics/{name}", value, rank_zero_only=True)
 
-    def sample_metrics(self, samples: torch.Tensor) -> dict[str, float]:
-        """The evaluator's scores of samples (data range) against the DataModule's held-out data."""
+    def sample_metrics(self, samples: torch.Tensor, datamodule: Any = None) -> dict[str, float]:
+        """The evaluator's scores of samples (data range) against the held-out data of
+        ``datamodule`` (default: the trainer's)."""
         if self.evaluator is None:
             return {}
-        return self.evaluator(samples, self.trainer.datamodule)
+        return self.evaluator(samples, datamodule or self.trainer.datamodule)
 
     @torch.no_grad()
     def generate(

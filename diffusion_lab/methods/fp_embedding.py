@@ -51,7 +51,7 @@ class ScoreEmbeddingMethod(DiffusionMethod):
         self.log("val/loss", loss, on_epoch=True, sync_dist=True)
         return loss
 
-    def sample_metrics(self, samples: torch.Tensor) -> dict[str, float]:
+    def sample_metrics(self, samples: torch.Tensor, datamodule: Any = None) -> dict[str, float]:
         """SSIM (windowed, and the paper's global one of eq. 26-29), PSNR and MSE of each sample
         against its own embedded image (data range), whatever the DataModule's held-out split."""
         own = self.process.images[self.process.sample_images(len(samples))]

@@ -170,7 +170,8 @@ class FPEmbeddingProcess(SDE):
         finally:
             self._interval = previous
 
-    def native_noise_label(self, t: torch.Tensor) -> torch.Tensor:
+    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
+        """t, or with ``separate_intervals`` inside :meth:`intervals`, k + t for image k."""
         if self.separate_intervals and self._interval is not None:
             return t + self._interval.to(t)
         return t
@@ -239,7 +240,10 @@ class FPEmbeddingProcess(SDE):
                 array, drift, diffusion, num_steps=self.num_steps, **self.solver_options
             )
             table = solution.x
-            stats = {"iterations": list(solution.iterations), "seconds": solution.seconds}
+            stats = {
+                "iterations": [int(i) for i in solution.iterations],
+                "solver_seconds": {k: float(v) for k, v in solution.seconds.items()},
+            }
         seconds = time.perf_counter() - start
         if stats:
             log.info("FP solve: iterations per step %s", stats["iterations"])
@@ -283,5 +287,7 @@ def zero_score_table(
     zero = np.zeros_like(image)
     for t_prev, t_next in zip(times[:-1], times[1:]):
         drift_prev = drift(table[-1], float(t_prev))
-        table.append(fokker_planck.transport_step(table[-1], drift_prev, 0.0, zero, t_next - t_prev))
+        table.append(
+            fokker_planck.transport_step(table[-1], drift_prev, 0.0, zero, t_next - t_prev)
+        )
     return np.stack(table)
