@@ -29,6 +29,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -121,6 +122,23 @@ def main() -> None:
                 flush=True,
             )
 
+    kde = {}  # the initial condition both ways: scikit-learn's tree KDE against the closed form
+    for size in sizes:
+        image = photograph(size)
+        seconds = {}
+        for method in fp.KDES:
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                values = fp.initial_log_density(image, method)
+                times.append(time.perf_counter() - start)
+            seconds[method] = statistics.median(times)
+            seconds[f"{method}_values"] = values
+        diff = float(np.abs(seconds.pop("sklearn_values") - seconds.pop("exact_values")).max())
+        kde[size] = {**seconds, "max_abs_diff": diff}
+        print(f"{size:4d}^2 KDE sklearn {seconds['sklearn']:.3f} s  exact {seconds['exact']:.4f} s"
+              f"  max |diff| {diff:.1e}", flush=True)  # fmt: skip
+
     summary = {}
     for solver in args.solvers:
         mine = [r for r in rows if r["solver"] == solver]
@@ -161,6 +179,7 @@ def main() -> None:
             <= 1.2,
         },
         "summary": summary,
+        "kde_seconds": kde,
         "rows": rows,
     }
     out = Path(args.out)
