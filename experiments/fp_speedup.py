@@ -290,6 +290,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=list(ARMS))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--name", default="fp_speedup", help="results file stem")
+    parser.add_argument("--note", default="", help="what else ran on the machine")
     parser.add_argument("--runs", type=Path, default=RESULTS / "fp_runs", help="run records")
     parser.add_argument("--child", nargs=3, metavar=("ARM", "SETTING", "SEED"))
     args = parser.parse_args()
@@ -306,11 +308,12 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         records = list(pool.map(lambda job: run_child(*job, args), jobs))
     result = {
-        "settings": {"steps": args.steps, "eval_every": args.eval_every, "samples": args.samples,
+        "note": args.note,
+        "settings": {"arms": args.arms, "steps": args.steps, "eval_every": args.eval_every, "samples": args.samples,
                      "seeds": args.seeds, "thresholds": THRESHOLDS, "quick": args.quick},
         "summary": summary(records), "runs": records, "wall_seconds": time.time() - start,
     }  # fmt: skip
-    name = "fp_speedup_quick" if args.quick else "fp_speedup"
+    name = f"{args.name}_quick" if args.quick else args.name
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     plot(records, RESULTS / f"{name}.png")
     print(json.dumps(result["summary"], indent=1))
