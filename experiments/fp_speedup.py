@@ -21,7 +21,8 @@ the paper: 32x32):
 
 Diagnostic arms (``--arms``, not in the default study): ``fp_variance_weight`` (eq. 24 with the
 weight 1/2 instead of 1/(2 g^2)), ``fp_sigma1`` (sigma_max 1), ``fp_vp`` and ``fp_vp_variance``
-(over the VP SDE).
+(over the VP SDE), ``fp_stochastic`` (``fp`` scored with the probability-flow ODE and, from the
+same weights, the stochastic reverse-diffusion sampler of the VE SDE, 1000 steps).
 
 The loop is the script's own (so that one trained DDPM serves both samplers, and the clock can
 stop exactly): each step is the method's ``batch_loss``, backward, clipping, Adam; the clock runs
@@ -80,17 +81,22 @@ ARMS = {
     "fp_printed": ["process.cache=false", "process.stencil=printed"],
     "fp_variance_weight": ["process.cache=false", "loss.weighting=variance"],
     "fp_sigma1": ["process.cache=false", "process.base.sigma_max=1.0"],
+    "fp_stochastic": ["process.cache=false"],
     "fp_vp": ["process.cache=false", "process@process.base=vp"],
     "fp_vp_variance": ["process.cache=false", "process@process.base=vp", "loss.weighting=variance"],
     "ddpm": [],
 }
 #: The study's arms; the others are diagnostics (``--arms``): the same recipe with the weighting
 #: 1/2 instead of 1/(2 g^2) (``loss.weighting=variance``), with sigma_max 1 instead of 50, and over
-#: the VP SDE (with either weighting).
+#: the VP SDE (with either weighting), and ``fp`` sampled stochastically too.
 MAIN_ARMS = ["fp", "fp_zero_score", "fp_printed", "ddpm"]
 #: The samplers each arm is scored with: name -> (sampler module attribute, options).
 SAMPLERS = {
     "fp": {"ode": ("ode.probability_flow", {"progress": False})},
+    "fp_stochastic": {
+        "ode": ("ode.probability_flow", {"progress": False}),
+        "reverse_diffusion": ("pc.reverse_diffusion", {"steps": 1000, "progress": False}),
+    },
     "ddpm": {
         "ancestral": ("ancestral.ancestral", {"progress": False}),
         "ddim": ("ddim.ddim", {"steps": 50, "eta": 0.0, "progress": False}),
@@ -107,7 +113,7 @@ def overrides(arm: str, setting: str, seed: int) -> list[str]:
 def samplers_of(arm: str) -> dict:
     from diffusion_lab import samplers
 
-    chosen = SAMPLERS["ddpm" if arm == "ddpm" else "fp"]
+    chosen = SAMPLERS.get(arm, SAMPLERS["fp"])
     out = {}
     for name, (path, options) in chosen.items():
         module, function = path.split(".")
