@@ -22,7 +22,9 @@ the paper: 32x32):
 Diagnostic arms (``--arms``, not in the default study): ``fp_variance_weight`` (eq. 24 with the
 weight 1/2 instead of 1/(2 g^2)), ``fp_sigma1`` (sigma_max 1), ``fp_vp`` and ``fp_vp_variance``
 (over the VP SDE), ``fp_stochastic`` (``fp`` scored with the probability-flow ODE and, from the
-same weights, the stochastic reverse-diffusion sampler of the VE SDE, 1000 steps).
+same weights, the stochastic reverse-diffusion sampler of the VE SDE, 1000 steps), and
+``fp_uniform_variance`` / ``fp_zero_score_uniform_variance`` (the times n ~ U{1..N} per example
+and the weight 1/2: the recipe under which the framework's VE Score SDE learns this image).
 
 The loop is the script's own (so that one trained DDPM serves both samplers, and the clock can
 stop exactly): each step is the method's ``batch_loss``, backward, clipping, Adam; the clock runs
@@ -84,11 +86,16 @@ ARMS = {
     "fp_stochastic": ["process.cache=false"],
     "fp_vp": ["process.cache=false", "process@process.base=vp"],
     "fp_vp_variance": ["process.cache=false", "process@process.base=vp", "loss.weighting=variance"],
+    "fp_uniform_variance": ["process.cache=false", "loss.time_sampling=uniform",
+                            "loss.weighting=variance"],
+    "fp_zero_score_uniform_variance": ["process.cache=false", "process.embedding=zero_score",
+                                       "loss.time_sampling=uniform", "loss.weighting=variance"],
     "ddpm": [],
 }
 #: The study's arms; the others are diagnostics (``--arms``): the same recipe with the weighting
 #: 1/2 instead of 1/(2 g^2) (``loss.weighting=variance``), with sigma_max 1 instead of 50, and over
-#: the VP SDE (with either weighting), and ``fp`` sampled stochastically too.
+#: the VP SDE (with either weighting), ``fp`` sampled stochastically too, and ``fp`` and the
+#: control with the times drawn uniformly per example and the weight 1/2 (Score SDE's recipe).
 MAIN_ARMS = ["fp", "fp_zero_score", "fp_printed", "ddpm"]
 #: The samplers each arm is scored with: name -> (sampler module attribute, options).
 SAMPLERS = {

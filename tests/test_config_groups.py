@@ -138,15 +138,17 @@ def test_the_noise_schedule_sweep_runs(tmp_path):
 
 
 def test_the_sampler_sweep_runs_with_the_default_config(tmp_path):
-    samplers = ("ddim", "ancestral", "pc", "ode")
+    samplers = ("ddim", "ancestral", "pc", "ode", "heun", "dpm_solver_pp", "edm_stochastic")
     result = _multirun(tmp_path, "network.base_channels=8", "sampler=" + ",".join(samplers))
     assert result.returncode == 0, result.stderr[-3000:]
     nfe = {}
     for k, name in enumerate(samplers):
         nfe[name] = json.loads((tmp_path / str(k) / "final_metrics.json").read_text())["nfe"]
     # each with its own steps: DDIM 50, ancestral every one of the 1000 levels (VP: no final
-    # denoising evaluation), PC 1000 predictor + 1000 corrector steps + the final denoising
+    # denoising evaluation), PC 1000 predictor + 1000 corrector steps + the final denoising,
+    # Heun and Alg. 2 18 steps (2 x 18 - 1), DPM-Solver++ 20
     assert (nfe["ddim"], nfe["ancestral"], nfe["pc"]) == (50, 1000, 2001)
+    assert (nfe["heun"], nfe["edm_stochastic"], nfe["dpm_solver_pp"]) == (35, 35, 20)
     assert nfe["ode"] > 0  # the adaptive solver's own count
 
 

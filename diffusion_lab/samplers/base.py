@@ -30,8 +30,9 @@ from diffusion_lab.utils import batch_time
 StepCallback = Callable[[dict], None]
 #: A model: ``model(x, t) -> score``, optionally with ``model.denoised(x, t) -> x0_hat``.
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: How a sampler reads ``steps``: levels of the process, a continuous grid, or none (adaptive).
-TIME_GRIDS = ("levels", "continuous", "adaptive")
+#: How a sampler reads ``steps``: levels of the process, a continuous grid, none (adaptive), or
+#: a grid of its ``grid`` option (``samplers.grids``: levels, uniform, log-SNR, Karras).
+TIME_GRIDS = ("levels", "continuous", "adaptive", "choice")
 
 
 @dataclass
@@ -113,6 +114,11 @@ def check_sampler(sample: Callable[..., SampleResult], process: ForwardProcess) 
         )
     if grid == "levels":
         level_grid(process, steps, options.get("spacing", "linspace"))
+    if grid == "choice":
+        from diffusion_lab.samplers.grids import sampling_times
+
+        sampling_times(process, steps, options["grid"], options["spacing"], options["rho"],
+                       options["t_min"])  # fmt: skip
     if grid == "continuous":
         if steps is None:
             raise ConfigError(f"sampler {name} needs a number of steps: set sampler.steps")

@@ -14,15 +14,15 @@ from diffusion_lab.samplers.base import (
     final_denoise,
     gaussian_like,
     initial_state,
-    level_grid,
     report,
     sampler,
     step_pairs,
 )
+from diffusion_lab.samplers.grids import sampling_times
 from diffusion_lab.utils import append_dims, batch_time
 
 
-@sampler(time_grid="levels")
+@sampler(time_grid="choice")
 @torch.no_grad()
 def ddim(
     model: Model,
@@ -33,6 +33,9 @@ def ddim(
     generator: torch.Generator | None = None,
     eta: float = 0.0,
     spacing: str = "trailing",
+    grid: str = "levels",
+    rho: float = 7.0,
+    t_min: float | None = None,
     denoise: bool = True,
     return_trajectory: bool = False,
     progress: bool = True,
@@ -44,12 +47,18 @@ def ddim(
     times the posterior std of ``process.ancestral_step``. eta = 0 is deterministic; eta = 1 is
     DDPM with the posterior variance. x0_hat and eps_hat come from the score by Tweedie:
     eps_hat = -sigma s, x0_hat = (x - sigma eps_hat) / alpha.
+
+    The times are ``grids.sampling_times`` (``grid``: the process's levels by default, or
+    uniform, log-SNR, Karras), then t = 0; where t = 0 still carries noise (VE) the final
+    step is Tweedie's (``denoise``).
     """
     if eta < 0:
         raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
     score = CountingModel(model, process)
     x = initial_state(process, x_or_shape, generator)
-    times = level_grid(process, steps, spacing)
+    times = sampling_times(process, steps, grid, spacing, rho, t_min)
+    if times[-1] > 0:
+        times = torch.cat([times, torch.zeros(1)])
     trajectory = [] if return_trajectory else None
     for k, t, t_next in step_pairs(times, progress, "ddim"):
         t_b = batch_time(t, x.shape[0], x.device)

@@ -1,0 +1,96 @@
+"""Time grids shared by the ODE solvers (Euler, Heun, DPM-Solver++) and DDIM.
+
+Every Gaussian process here has marginals x_t = alpha(t) x_0 + sigma(t) z, so its probability
+flow is fixed by one curve: the noise-to-signal ratio ``sigma(t) / alpha(t)`` (Karras et al.
+2022 eq. 4: the sigma of their x / s coordinates; Lu et al. 2022: lambda = -log of it, half
+the log-SNR). A grid is ``steps`` decreasing times t_0 = 1 > ... > t_{N-1} = t_min at which the
+model is evaluated; the solvers then take one last step to the clean image (ratio 0), as
+Karras et al. Alg. 1 appends t_N = 0 and DPM-Solver++ ends at the data prediction.
+
+Grids (``GRIDS``):
+
+- ``levels``: the process's own noise levels, strided (:func:`base.level_grid`);
+- ``uniform``: uniform in t;
+- ``logsnr``: uniform in log-SNR (Lu et al. 2022 sec. 3.3, "uniform lambda"), i.e. geometric in
+  the ratio; for the VE SDE these are its own geometric levels;
+- ``karras``: the rho-schedule of Karras et al. eq. 5 on the ratio,
+  (r_max^(1/rho) + i / (N - 1) (r_min^(1/rho) - r_max^(1/rho)))^rho, rho = 7.
+
+The ratio is strictly increasing in t for VE, VP and sub-VP; a time with a given ratio (for
+the non-level grids and the stochastic EDM sampler's raised noise) is found by bisection in
+float64 to a relative 1e-12, so every grid serves every process without per-process formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes.sde import SDE
+from diffusion_lab.samplers.base import level_grid
+
+GRIDS = ("levels", "uniform", "logsnr", "karras")
+BISECTION_STEPS = 64
+
+
+def noise_ratio(process: SDE, t: torch.Tensor) -> torch.Tensor:
+    """sigma(t) / alpha(t): the noise level of x / alpha (Karras et al. eq. 4)."""
+    alpha, sigma = process.marginal_coefficients(t)
+    return sigma / alpha
+
+
+def time_of_ratio(process: SDE, ratio: torch.Tensor) -> torch.Tensor:
+    """The times t in [0, 1] with ``noise_ratio(t) = ratio`` (clamped to the ends), by bisection."""
+    target = ratio.double().log()
+    low = torch.zeros_like(target)
+    high = torch.ones_like(target)
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        above = noise_ratio(process, middle).double().log() > target
+        high = torch.where(above, middle, high)
+        low = torch.where(above, low, middle)
+    return ((low + high) / 2).to(ratio.dtype)
+
+
+def smallest_noisy_time(process: SDE) -> float:
+    """The smallest level time with noise (t = 0 itself for VE, whose x(0) carries sigma_min)."""
+    levels = process.level_times()
+    noisy = levels[process.std(levels) > 0]
+    return float(noisy.min())
+
+
+def sampling_times(
+    process: SDE,
+    steps: int | None,
+    grid: str = "levels",
+    spacing: str = "trailing",
+    rho: float = 7.0,
+    t_min: float | None = None,
+) -> torch.Tensor:
+    """``steps`` decreasing times from 1 to the last noisy one (see the module docstring).
+
+    ``spacing`` applies to ``levels``; ``t_min`` (default: the smallest noisy level) to the
+    others, whose ratio runs from r(1) to r(t_min).
+    """
+    if grid not in GRIDS:
+        raise ConfigError(f"sampler grid must be one of {GRIDS}, got {grid!r}")
+    if grid == "levels":  # steps None: every level
+        times = level_grid(process, steps, spacing)
+        return times[: len(process.level_times()) if steps is None else steps]  # no t = 0 added
+    if steps is None or steps < 1:
+        raise ConfigError(f"sampler grid {grid!r} needs steps >= 1, got {steps}")
+    t_min = smallest_noisy_time(process) if t_min is None else float(t_min)
+    if not 0 <= t_min < 1 or float(process.std(torch.tensor([t_min]))) <= 0:
+        raise ConfigError(f"sampler t_min must lie in [0, 1) and carry noise, got {t_min}")
+    ends = torch.tensor([1.0, t_min], dtype=torch.float64)
+    if grid == "uniform":
+        return torch.linspace(1.0, t_min, steps)
+    r_max, r_min = noise_ratio(process, ends).tolist()
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if grid == "logsnr":
+        ratios = torch.tensor(r_max).pow(1 - ramp) * torch.tensor(r_min).pow(ramp)
+    else:
+        ratios = (r_max ** (1 / rho) + ramp * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho
+    times = time_of_ratio(process, ratios)
+    times[0], times[-1] = 1.0, t_min
+    return times.float()
