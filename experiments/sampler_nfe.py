@@ -250,7 +250,10 @@ def toy_study(n: int, seeds: int, nfes: list[int]) -> dict:
     mixture = make_toy2d("gmm8")
     summary, raw = {}, {}
     for kind in PROCESSES:
-        raw[kind] = [toy_seed(mixture, kind, n, nfes, seed) for seed in range(seeds)]
+        raw[kind] = []
+        for seed in range(seeds):
+            raw[kind].append(toy_seed(mixture, kind, n, nfes, seed))
+            print(f"toy2d {kind} seed {seed} done", flush=True)
         summary[kind] = summarise(raw[kind])
         best = summary[kind]["curves"]["DPM-Solver++(2M)"][-1]["sw2"]["mean"]
         print(f"toy2d {kind}: floor {summary[kind]['floor_exact_flow']['sw2']['mean']:.4f}, "

@@ -23,6 +23,7 @@ cost N evaluations. Soft Diffusion's process has no scalar alpha: these need ``g
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,22 +47,26 @@ from diffusion_lab.utils import batch_time
 ORDERS = (1, 2)
 
 
-def _solve(
+@sampler(time_grid="choice")
+@torch.no_grad()
+def dpm_solver_pp(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int,
-    callback: StepCallback | None,
-    generator: torch.Generator | None,
-    order: int,
-    stochastic: bool,
-    grid: str,
-    spacing: str,
-    rho: float,
-    t_min: float | None,
-    return_trajectory: bool,
-    progress: bool,
+    steps: int = 20,
+    callback: StepCallback | None = None,
+    generator: torch.Generator | None = None,
+    order: int = 2,
+    stochastic: bool = False,
+    grid: str = "logsnr",
+    spacing: str = "trailing",
+    rho: float = 7.0,
+    t_min: float | None = None,
+    return_trajectory: bool = False,
+    progress: bool = True,
 ) -> SampleResult:
+    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2; ``order=1``: DDIM), or with ``stochastic``
+    SDE-DPM-Solver++(2M) (their sec. 5). NFE = steps."""
     if order not in ORDERS:
         raise ConfigError(f"DPM-Solver++ order must be one of {ORDERS}, got {order}")
     score = CountingModel(model, process)
@@ -94,45 +99,5 @@ def _solve(
     return SampleResult(x, score.nfe, trajectory or [])
 
 
-@sampler(time_grid="choice")
-@torch.no_grad()
-def dpm_solver_pp(
-    model: Model,
-    process: SDE,
-    x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 20,
-    callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
-    order: int = 2,
-    grid: str = "logsnr",
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    t_min: float | None = None,
-    return_trajectory: bool = False,
-    progress: bool = True,
-) -> SampleResult:
-    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2; ``order=1``: DDIM). NFE = steps."""
-    return _solve(model, process, x_or_shape, steps, callback, generator, order, False, grid,
-                  spacing, rho, t_min, return_trajectory, progress)  # fmt: skip
-
-
-@sampler(time_grid="choice")
-@torch.no_grad()
-def sde_dpm_solver_pp(
-    model: Model,
-    process: SDE,
-    x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 20,
-    callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
-    order: int = 2,
-    grid: str = "logsnr",
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    t_min: float | None = None,
-    return_trajectory: bool = False,
-    progress: bool = True,
-) -> SampleResult:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022 sec. 5). NFE = steps."""
-    return _solve(model, process, x_or_shape, steps, callback, generator, order, True, grid,
-                  spacing, rho, t_min, return_trajectory, progress)  # fmt: skip
+#: SDE-DPM-Solver++(2M).
+sde_dpm_solver_pp = functools.partial(dpm_solver_pp, stochastic=True)

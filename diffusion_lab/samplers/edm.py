@@ -18,6 +18,7 @@ these samplers need ``gaussian_sde``; its own Momentum samplers serve it (``samp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,44 +49,47 @@ def _derivative(
     return (x - denoised) / ratio, denoised
 
 
-def _solve(
+@sampler(time_grid="choice")
+@torch.no_grad()
+def edm_sampler(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int,
-    callback: StepCallback | None,
-    generator: torch.Generator | None,
-    heun: bool,
-    grid: str,
-    spacing: str,
-    rho: float,
-    t_min: float | None,
-    churn: tuple[float, float, float, float],
-    return_trajectory: bool,
-    progress: bool,
-    desc: str,
+    steps: int = 18,
+    callback: StepCallback | None = None,
+    generator: torch.Generator | None = None,
+    second_order: bool = True,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    grid: str = "karras",
+    spacing: str = "trailing",
+    rho: float = 7.0,
+    t_min: float | None = None,
+    return_trajectory: bool = False,
+    progress: bool = True,
 ) -> SampleResult:
-    """Alg. 2 (Alg. 1 when S_churn = 0; Euler when ``heun`` is false)."""
-    s_churn, s_tmin, s_tmax, s_noise = churn
+    """Karras et al. Alg. 2; with S_churn = 0 Alg. 1 (Heun), and without the correction
+    (``second_order=False``) Euler. NFE = steps for Euler, 2 steps - 1 for Heun."""
     score = CountingModel(model, process)
     times = sampling_times(process, steps, grid, spacing, rho, t_min)
     ratios = torch.cat([noise_ratio(process, times), torch.zeros(1)]).tolist()
-    r_top = ratios[0]
     x = initial_state(process, x_or_shape, generator)
     x = x / float(process.marginal_coefficients(times[:1])[0])
     times_next = torch.cat([times, torch.zeros(1)])
     trajectory = [] if return_trajectory else None
     gamma_max = min(s_churn / len(times), math.sqrt(2) - 1)
-    for i, _, _ in step_pairs(times_next, progress, desc):
+    for i, _, _ in step_pairs(times_next, progress, "edm"):
         t, r, r_next = float(times[i]), ratios[i], ratios[i + 1]
         gamma = gamma_max if s_tmin <= r <= s_tmax else 0.0
-        r_hat = min(r * (1 + gamma), r_top)
+        r_hat = min(r * (1 + gamma), ratios[0])
         if r_hat > r:
             t = float(time_of_ratio(process, torch.tensor([r_hat], dtype=torch.float64)))
             x = x + math.sqrt(r_hat**2 - r**2) * s_noise * gaussian_like(x, generator)
         d, denoised = _derivative(score, process, x, t, r_hat)
         x_next = x + (r_next - r_hat) * d
-        if heun and r_next > 0:
+        if second_order and r_next > 0:
             d_next, _ = _derivative(score, process, x_next, float(times[i + 1]), r_next)
             x_next = x + (r_next - r_hat) * (d + d_next) / 2
         x = x_next
@@ -95,69 +99,9 @@ def _solve(
     return SampleResult(x, score.nfe, trajectory or [])
 
 
-@sampler(time_grid="choice")
-@torch.no_grad()
-def euler(
-    model: Model,
-    process: SDE,
-    x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 35,
-    callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
-    grid: str = "karras",
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    t_min: float | None = None,
-    return_trajectory: bool = False,
-    progress: bool = True,
-) -> SampleResult:
-    """Euler's method on the probability flow (Karras et al. Alg. 1 without line 7): NFE = steps."""
-    return _solve(model, process, x_or_shape, steps, callback, generator, False, grid, spacing,
-                  rho, t_min, (0.0, 0.0, math.inf, 1.0), return_trajectory, progress, "euler")  # fmt: skip
-
-
-@sampler(time_grid="choice")
-@torch.no_grad()
-def heun(
-    model: Model,
-    process: SDE,
-    x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 18,
-    callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
-    grid: str = "karras",
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    t_min: float | None = None,
-    return_trajectory: bool = False,
-    progress: bool = True,
-) -> SampleResult:
-    """Heun's second-order method on the probability flow (Karras et al. Alg. 1): NFE = 2 steps - 1."""
-    return _solve(model, process, x_or_shape, steps, callback, generator, True, grid, spacing,
-                  rho, t_min, (0.0, 0.0, math.inf, 1.0), return_trajectory, progress, "heun")  # fmt: skip
-
-
-@sampler(time_grid="choice")
-@torch.no_grad()
-def edm_stochastic(
-    model: Model,
-    process: SDE,
-    x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 18,
-    callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
-    s_churn: float = 30.0,
-    s_tmin: float = 0.01,
-    s_tmax: float = 1.0,
-    s_noise: float = 1.007,
-    grid: str = "karras",
-    spacing: str = "trailing",
-    rho: float = 7.0,
-    t_min: float | None = None,
-    return_trajectory: bool = False,
-    progress: bool = True,
-) -> SampleResult:
-    """Karras et al. Alg. 2 (defaults: their CIFAR-10 values, Table 5); NFE = 2 steps - 1."""
-    return _solve(model, process, x_or_shape, steps, callback, generator, True, grid, spacing,
-                  rho, t_min, (s_churn, s_tmin, s_tmax, s_noise), return_trajectory, progress,
-                  "edm")  # fmt: skip
+#: Alg. 1 (Heun), its first-order form (Euler), and Alg. 2 with Karras et al.'s CIFAR-10 values
+#: (Table 5: S_churn 30, S_tmin 0.01, S_tmax 1, S_noise 1.007).
+heun = functools.partial(edm_sampler, second_order=True)
+euler = functools.partial(edm_sampler, second_order=False)
+edm_stochastic = functools.partial(edm_sampler, s_churn=30.0, s_tmin=0.01, s_tmax=1.0,
+                                   s_noise=1.007)  # fmt: skip
