@@ -58,7 +58,7 @@ def dpm_solver_pp(
     generator: torch.Generator | None = None,
     order: int = 2,
     stochastic: bool = False,
-    grid: str = "logsnr",
+    grid: str = "levels",
     spacing: str = "trailing",
     rho: float = 7.0,
     t_min: float | None = None,

@@ -63,7 +63,7 @@ def edm_sampler(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    grid: str = "karras",
+    grid: str = "levels",
     spacing: str = "trailing",
     rho: float = 7.0,
     t_min: float | None = None,
