@@ -34,6 +34,13 @@ VARIANTS: dict[str, list[str]] = {
     "width 48": ["network.base_channels=48"],
     "width 24, 3000 steps": ["network.base_channels=24", "trainer.max_steps=3000"],
     "3000 steps": ["trainer.max_steps=3000"],
+    "lr 2e-3, sde_dpm_solver_pp 20": ["optimizer.lr=2e-3", "sampler=sde_dpm_solver_pp"],
+    "lr 3e-3, sde_dpm_solver_pp 20": ["optimizer.lr=3e-3", "sampler=sde_dpm_solver_pp"],
+    "lr 2e-3, sde_dpm_solver_pp 20, 2400 steps": [
+        "optimizer.lr=2e-3",
+        "sampler=sde_dpm_solver_pp",
+        "trainer.max_steps=2400",
+    ],
 }
 KEYS = ("fid_digits", "coverage_confident_fraction", "coverage_classes_present", "coverage_balance",
         "nfe")  # fmt: skip

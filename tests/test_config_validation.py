@@ -138,7 +138,7 @@ def test_sample_takes_options_and_overrides_in_any_order(trained, order):
     args = [*options, *overrides] if order == "options first" else [*overrides, *options]
     result = entry("sample", str(trained), *args)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert torch.load(trained / "samples_ddim.pt", weights_only=True).shape[0] == 4
+    assert torch.load(trained / "samples_dpm_solver_pp.pt", weights_only=True).shape[0] == 4
 
 
 def test_sample_misspelt_key_gets_a_did_you_mean(trained):

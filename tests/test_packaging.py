@@ -28,4 +28,4 @@ def test_installed_wheel_finds_its_configs(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert str(target) in result.stdout  # the config search path is inside the installed package
-    assert "data/digits" in result.stdout and "sampler/ddim" in result.stdout
+    assert "data/digits" in result.stdout and "sampler/sde_dpm_solver_pp" in result.stdout
