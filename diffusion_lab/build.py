@@ -63,10 +63,13 @@ def build_method(cfg: DictConfig, metrics: list[str]) -> DiffusionMethod:
     process = instantiate(cfg.process)
     sampler = instantiate(cfg.sampler)
     check_sampler(sampler, process)
-    return instantiate(
+    method = instantiate(
         cfg.method,
-        _recursive_=False,  # the parts are built above
+        _partial_=True,  # the parts built above are passed as they are (Hydra would turn a
+        _recursive_=False,  # dataclass part, e.g. a score-matching loss, into a dict)
         _convert_="all",  # plain lists and dicts, so checkpoints load with weights_only=True
+    )
+    return method(
         network=network,
         process=process,
         loss=instantiate(cfg.loss),

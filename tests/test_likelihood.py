@@ -19,12 +19,8 @@ import torch
 
 from diffusion_lab.data.toy2d import GaussianMixture
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.metrics.likelihood import (
-    bits_per_dim,
-    log_likelihood,
-    make_probe,
-    uniform_dequantize,
-)
+from diffusion_lab.jacobian_trace import make_probe
+from diffusion_lab.metrics.likelihood import bits_per_dim, log_likelihood, uniform_dequantize
 from diffusion_lab.processes.sde import VESDE, VPSDE, SubVPSDE
 from diffusion_lab.samplers.ode import decode, encode
 

@@ -7,7 +7,7 @@ import torch
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
 
-TIME_SAMPLING = ("levels", "uniform")
+TIME_SAMPLING = ("levels", "uniform", "fixed")
 
 
 def sample_times(
@@ -17,12 +17,14 @@ def sample_times(
     time_sampling: str = "levels",
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
+    fixed_time: float | None = None,
 ) -> torch.Tensor:
     """Training times, one per example.
 
     ``"levels"``: a discrete level drawn uniformly per example (DDPM's i ~ U{1..N}, NCSN's
     sigma_i ~ U{sigma_1..sigma_L}); ``"uniform"``: t ~ U(eps, 1) (Score SDE, Khungurn eq. 9).
     eps is a real hyper-parameter (PITFALLS: t ~ U(eps, 1) against the discretised schedule).
+    ``"fixed"``: every example at ``fixed_time`` (score matching at one noise level).
     """
     if time_sampling == "levels":
         levels = process.level_times().to(device)
@@ -33,4 +35,10 @@ def sample_times(
             raise ConfigError(f"loss.eps must lie in [0, 1), got {eps}")
         u = torch.rand(batch_size, device=device, generator=generator)
         return eps + (1 - eps) * u
+    if time_sampling == "fixed":
+        if fixed_time is None or not 0 <= fixed_time <= 1:
+            raise ConfigError(
+                f"time_sampling fixed needs loss.fixed_time in [0, 1], got {fixed_time}"
+            )
+        return torch.full((batch_size,), float(fixed_time), device=device)
     raise ConfigError(f"unknown time_sampling {time_sampling!r}: use one of {TIME_SAMPLING}")

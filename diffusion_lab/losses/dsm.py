@@ -19,21 +19,29 @@ class DenoisingScoreMatching:
     -(x_tilde - x) / sigma^2, Khungurn eq. 7). ``weighting="variance"``: lambda = sigma(t)^2, so
     the summand is || sigma s + z ||^2 (NCSN's lambda(sigma) = sigma^2, Score SDE's default);
     ``"likelihood"``: lambda = g(t)^2 (Song et al. 2021b). Summed over dimensions, averaged
-    over the batch, halved as in Score SDE's code.
+    over the batch, halved as in Score SDE's code. ``time_sampling="fixed"``: one noise level,
+    ``fixed_time`` (Vincent's DSM at a single sigma, Spagnoletti et al. eq. 8).
     """
 
     def __init__(
-        self, time_sampling: str = "uniform", eps: float = 1e-5, weighting: str = "variance"
+        self,
+        time_sampling: str = "uniform",
+        eps: float = 1e-5,
+        weighting: str = "variance",
+        fixed_time: float | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown DSM weighting {weighting!r}: use one of {WEIGHTINGS}")
         self.time_sampling = time_sampling
         self.eps = eps
         self.weighting = weighting
+        self.fixed_time = fixed_time
 
     def __call__(self, model: ScoreModel, x0: torch.Tensor) -> torch.Tensor:
         process = model.process
-        t = sample_times(process, x0.shape[0], x0.device, self.time_sampling, self.eps)
+        t = sample_times(
+            process, x0.shape[0], x0.device, self.time_sampling, self.eps, None, self.fixed_time
+        )
         noise = torch.randn_like(x0)
         if self.weighting == "variance":
             return self.variance_weighted(model, x0, t, noise).mean()

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import torch
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.jacobian_trace import exact_trace, hutchinson_trace, make_probe
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import CountingModel, Model
 from diffusion_lab.samplers.ode import integrate
+from diffusion_lab.score_model import ScoreModel
 from diffusion_lab.utils import batch_time
 
-PROBES = ("rademacher", "gaussian")
 DIVERGENCES = ("hutchinson", "exact")
 
 
@@ -64,22 +65,6 @@ class BitsPerDimResult:
     nfe: int
 
 
-def make_probe(
-    x: torch.Tensor, kind: str = "rademacher", generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """A probe e shaped like x with E[e e^T] = I: Rademacher (+-1) or standard Gaussian.
-
-    Rademacher probes have the smaller variance (2 sum_{i != j} J_ij^2 against Gaussian's
-    2 ||J||_F^2; Hutchinson 1990); both are unbiased.
-    """
-    if kind == "rademacher":
-        bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
-        return (2 * bits - 1).to(x.dtype)
-    if kind == "gaussian":
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    raise ConfigError(f"unknown probe {kind!r}: use one of {PROBES}")
-
-
 def velocity_and_divergence(
     score: Model, process: SDE, x: torch.Tensor, t: float, probe: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,15 +77,7 @@ def velocity_and_divergence(
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
         v = flow.sde(x, batch_time(t, x.shape[0], x.device, x.dtype))[0]
-        if probe is not None:
-            (vjp,) = torch.autograd.grad(v, x, grad_outputs=probe)
-            div = (vjp * probe).flatten(1).sum(1)
-        else:
-            flat_v, dim = v.flatten(1), x[0].numel()
-            div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-            for i in range(dim):
-                (row,) = torch.autograd.grad(flat_v[:, i].sum(), x, retain_graph=i < dim - 1)
-                div = div + row.flatten(1)[:, i]
+        div = exact_trace(v, x) if probe is None else hutchinson_trace(v, x, probe)
     return v.detach(), div.detach()
 
 
@@ -149,6 +126,14 @@ def log_likelihood(
     delta = end[:, flat_dim].reshape(batch, copies).mean(1)
     prior = process.prior_logp(z).reshape(batch, copies).mean(1)
     return LikelihoodResult(prior + delta, prior, delta, z[::copies], score.nfe)
+
+
+@torch.no_grad()
+def unnormalized_log_density(model: ScoreModel, x: torch.Tensor, t: float = 1e-5) -> torch.Tensor:
+    """log p_t(x) + log Z(t) = -E_theta(x, t) per example, for an energy parameterization
+    (Khungurn sec. 2): exact up to the unknown log-partition, with no ODE solve. The normalised
+    value is :func:`log_likelihood`'s (the difference is the same for every x, tested)."""
+    return -model.energy(x, batch_time(t, x.shape[0], x.device, x.dtype))
 
 
 def uniform_dequantize(
