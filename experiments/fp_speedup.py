@@ -86,10 +86,17 @@ ARMS = {
     "fp_stochastic": ["process.cache=false"],
     "fp_vp": ["process.cache=false", "process@process.base=vp"],
     "fp_vp_variance": ["process.cache=false", "process@process.base=vp", "loss.weighting=variance"],
-    "fp_uniform_variance": ["process.cache=false", "loss.time_sampling=uniform",
-                            "loss.weighting=variance"],
-    "fp_zero_score_uniform_variance": ["process.cache=false", "process.embedding=zero_score",
-                                       "loss.time_sampling=uniform", "loss.weighting=variance"],
+    "fp_uniform_variance": [
+        "process.cache=false",
+        "loss.time_sampling=uniform",
+        "loss.weighting=variance",
+    ],
+    "fp_zero_score_uniform_variance": [
+        "process.cache=false",
+        "process.embedding=zero_score",
+        "loss.time_sampling=uniform",
+        "loss.weighting=variance",
+    ],
     "ddpm": [],
 }
 #: The study's arms; the others are diagnostics (``--arms``): the same recipe with the weighting

@@ -299,3 +299,35 @@ def test_the_loss_configs_build_and_reject_bad_values():
     with pytest.raises(ConfigError, match="fixed_time"):
         ImplicitScoreMatching(time_sampling="fixed")(clean_model(LinearScore(WRONG_A, WRONG_B)),
                                                      gaussian_draws(4, 0))  # fmt: skip
+
+
+SAMPLERS = sorted(
+    p.stem for p in (CONF / "sampler").glob("*.yaml") if not p.stem.startswith("soft")
+)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_gaussian_sampler_samples_an_energy_model(name):
+    """An energy model is a score model for every sampler of the Gaussian processes (Soft
+    Diffusion's samplers need its own process): finite samples, NFE as the sampler counts."""
+    from diffusion_lab.samplers.base import check_sampler
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        options = compose("config", overrides=[f"sampler={name}"]).sampler
+    sample = instantiate(options)
+    for process in (VPSDE(num_steps=100), VESDE(sigma_min=0.01, sigma_max=5.0, num_steps=100)):
+        try:
+            check_sampler(sample, process)
+        except ConfigError:
+            continue
+        break
+    torch.manual_seed(0)
+    network = MLP(dim=2, hidden=16, depth=2, embedding="fourier", out_dim=1)
+    nn.init.normal_(network.out.weight, std=0.1)
+    model = ScoreModel(network, process, "energy_over_sigma")
+    steps = {} if options.steps is None else {"steps": 4}
+    extra = {"n_steps_each": 2} if "n_steps_each" in options else {}
+    result = sample(model, process, (16, 2), generator=torch.Generator().manual_seed(0),
+                    progress=False, **steps, **extra)  # fmt: skip
+    assert result.samples.shape == (16, 2) and torch.isfinite(result.samples).all()
+    assert result.nfe > 0
