@@ -85,7 +85,7 @@ ESTIMATORS = {
     "ism hutchinson gaussian, 3 probes": ImplicitScoreMatching(
         trace="hutchinson", probe="gaussian", num_probes=3, **CLEAN
     ),
-    "ssm gaussian": SlicedScoreMatching(variance_reduced=False, **CLEAN),
+    "ssm gaussian": SlicedScoreMatching(variance_reduced=False, projection="gaussian", **CLEAN),
     "ssm rademacher, 2 projections": SlicedScoreMatching(
         variance_reduced=False, projection="rademacher", num_projections=2, **CLEAN
     ),

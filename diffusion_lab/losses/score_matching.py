@@ -135,12 +135,13 @@ class ImplicitScoreMatching(ScoreMatchingObjective):
 @dataclass
 class SlicedScoreMatching(ScoreMatchingObjective):
     """Sliced score matching over ``num_projections`` projections v (``projection``:
-    Gaussian, as the reference code, or Rademacher): v^T grad(v^T s) + 1/2 (v^T s)^2, or with
+    Gaussian, as the reference code, or Rademacher, the config's default, whose trace estimate
+    has no variance from the Jacobian's diagonal): v^T grad(v^T s) + 1/2 (v^T s)^2, or with
     ``variance_reduced`` 1/2 ||s||^2 in place of 1/2 (v^T s)^2 (SSM-VR). One vector-Jacobian
     product per projection, whatever D."""
 
     num_projections: PositiveInt = 1
-    projection: str = "gaussian"
+    projection: str = "rademacher"
     variance_reduced: bool = True
 
     def __post_init__(self) -> None:
