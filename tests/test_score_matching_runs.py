@@ -18,7 +18,7 @@ RUNS = {
         "network=mlp_energy",
         "method.parameterization=energy_over_sigma",
     ],  # fmt: skip
-    "sliced NCSN, digits": ["+experiment=ncsn_ssm_digits", "network.ngf=8"],
+    "sliced NCSN, digits": ["+experiment=ncsn_ssm_digits"],
 }
 
 
