@@ -15,8 +15,8 @@ from diffusion_lab.data.toy2d import GaussianMixture, make_toy2d
 from diffusion_lab.metrics.sliced_wasserstein import sliced_wasserstein
 from diffusion_lab.processes.sde import VESDE, VPSDE, SubVPSDE
 from diffusion_lab.samplers.ancestral import ancestral
-from diffusion_lab.samplers.base import level_grid
 from diffusion_lab.samplers.ddim import ddim
+from diffusion_lab.samplers.grids import level_grid
 from diffusion_lab.samplers.ode import probability_flow
 from diffusion_lab.samplers.pc import euler_maruyama, predictor_corrector, reverse_diffusion
 

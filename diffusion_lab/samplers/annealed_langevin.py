@@ -32,11 +32,11 @@ from diffusion_lab.samplers.base import (
     final_denoise,
     gaussian_like,
     initial_state,
-    level_grid,
     report,
     sampler,
     step_pairs,
 )
+from diffusion_lab.samplers.grids import level_grid
 from diffusion_lab.samplers.langevin import langevin_step
 from diffusion_lab.utils import batch_time
 

@@ -1,5 +1,5 @@
-"""What every sampler shares: the result type, NFE counting, initial states, time grids and the
-build-time check of a sampler against its process.
+"""What every sampler shares: the result type, NFE counting, initial states and the build-time
+check of a sampler against its process (the time grids are in ``samplers.grids``).
 
 Samplers are plain functions with one signature (DESIGN.md): ``sampler(model, process,
 x_or_shape, steps, callback=None, generator=None, **options) -> SampleResult``. The model is any
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import CAPABILITIES, ForwardProcess
+from diffusion_lab.samplers.grids import continuous_grid, level_grid, sampling_times
 from diffusion_lab.utils import batch_time
 
 StepCallback = Callable[[dict], None]
@@ -115,8 +116,6 @@ def check_sampler(sample: Callable[..., SampleResult], process: ForwardProcess) 
     if grid == "levels":
         level_grid(process, steps, options.get("spacing", "linspace"))
     if grid == "choice":
-        from diffusion_lab.samplers.grids import sampling_times
-
         sampling_times(process, steps, options["grid"], options["spacing"], options["rho"],
                        options["t_min"])  # fmt: skip
     if grid == "continuous":
@@ -140,47 +139,6 @@ def initial_state(
 def gaussian_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise shaped like x, from ``generator`` when given (reproducible)."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-SPACINGS = ("trailing", "leading", "linspace")
-
-
-def level_grid(
-    process: ForwardProcess, steps: int | None, spacing: str = "trailing"
-) -> torch.Tensor:
-    """Decreasing times at ``steps`` of the process's N levels, then 0 if not already there.
-
-    ``"trailing"`` always starts at the noisiest level t = 1 and strides down (the spacing that
-    avoids the off-by-one of diffusers #2585/#9261); ``"leading"`` is DDIM's original
-    0, k, 2k, ... (never reaches t = 1); ``"linspace"`` rounds an even spread over the levels.
-    The grid is strictly decreasing: no duplicated last level and no zero-length step.
-    """
-    levels = process.level_times()
-    n = len(levels)
-    steps = n if steps is None else steps
-    if not 1 <= steps <= n:
-        raise ConfigError(f"sampler steps must lie in [1, {n}] for this process, got {steps}")
-    if spacing == "trailing":
-        index = torch.round(torch.arange(n, 0, -n / steps)).long() - 1
-    elif spacing == "leading":
-        index = (torch.arange(steps) * (n // steps)).flip(0)
-    elif spacing == "linspace":
-        index = torch.linspace(n - 1, 0, steps).round().long()
-    else:
-        raise ConfigError(f"unknown time-step spacing {spacing!r}: use one of {SPACINGS}")
-    times = levels[index.unique().flip(0)]
-    if times[-1] > 0:
-        times = torch.cat([times, torch.zeros(1)])
-    return times
-
-
-def continuous_grid(steps: int, eps: float) -> torch.Tensor:
-    """``steps + 1`` decreasing times from 1 to eps (Score SDE's reverse-time grid)."""
-    if steps < 1:
-        raise ConfigError(f"sampler steps must be at least 1, got {steps}")
-    if not 0 < eps < 1:
-        raise ConfigError(f"sampler eps must lie in (0, 1), got {eps}")
-    return torch.linspace(1.0, eps, steps + 1)
 
 
 def step_pairs(

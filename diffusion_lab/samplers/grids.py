@@ -9,7 +9,8 @@ Karras et al. Alg. 1 appends t_N = 0 and DPM-Solver++ ends at the data predictio
 
 Grids (``GRIDS``):
 
-- ``levels``: the process's own noise levels, strided (:func:`base.level_grid`);
+- ``levels``: the process's own noise levels, strided (:func:`level_grid`, which DDIM, the
+  ancestral sampler, annealed Langevin and Soft Diffusion's samplers use too);
 - ``uniform``: uniform in t;
 - ``logsnr``: uniform in log-SNR (Lu et al. 2022 sec. 3.3, "uniform lambda"), i.e. geometric in
   the ratio; for the VE SDE these are its own geometric levels;
@@ -26,11 +27,52 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes.sde import SDE
-from diffusion_lab.samplers.base import level_grid
 
 GRIDS = ("levels", "uniform", "logsnr", "karras")
 BISECTION_STEPS = 64
+
+
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+def level_grid(
+    process: ForwardProcess, steps: int | None, spacing: str = "trailing"
+) -> torch.Tensor:
+    """Decreasing times at ``steps`` of the process's N levels, then 0 if not already there.
+
+    ``"trailing"`` always starts at the noisiest level t = 1 and strides down (the spacing that
+    avoids the off-by-one of diffusers #2585/#9261); ``"leading"`` is DDIM's original
+    0, k, 2k, ... (never reaches t = 1); ``"linspace"`` rounds an even spread over the levels.
+    The grid is strictly decreasing: no duplicated last level and no zero-length step.
+    """
+    levels = process.level_times()
+    n = len(levels)
+    steps = n if steps is None else steps
+    if not 1 <= steps <= n:
+        raise ConfigError(f"sampler steps must lie in [1, {n}] for this process, got {steps}")
+    if spacing == "trailing":
+        index = torch.round(torch.arange(n, 0, -n / steps)).long() - 1
+    elif spacing == "leading":
+        index = (torch.arange(steps) * (n // steps)).flip(0)
+    elif spacing == "linspace":
+        index = torch.linspace(n - 1, 0, steps).round().long()
+    else:
+        raise ConfigError(f"unknown time-step spacing {spacing!r}: use one of {SPACINGS}")
+    times = levels[index.unique().flip(0)]
+    if times[-1] > 0:
+        times = torch.cat([times, torch.zeros(1)])
+    return times
+
+
+def continuous_grid(steps: int, eps: float) -> torch.Tensor:
+    """``steps + 1`` decreasing times from 1 to eps (Score SDE's reverse-time grid)."""
+    if steps < 1:
+        raise ConfigError(f"sampler steps must be at least 1, got {steps}")
+    if not 0 < eps < 1:
+        raise ConfigError(f"sampler eps must lie in (0, 1), got {eps}")
+    return torch.linspace(1.0, eps, steps + 1)
 
 
 def noise_ratio(process: SDE, t: torch.Tensor) -> torch.Tensor:

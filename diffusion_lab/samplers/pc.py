@@ -18,7 +18,6 @@ from diffusion_lab.samplers.base import (
     Model,
     SampleResult,
     StepCallback,
-    continuous_grid,
     final_denoise,
     gaussian_like,
     initial_state,
@@ -26,6 +25,7 @@ from diffusion_lab.samplers.base import (
     sampler,
     step_pairs,
 )
+from diffusion_lab.samplers.grids import continuous_grid
 from diffusion_lab.samplers.langevin import langevin_corrector
 from diffusion_lab.utils import append_dims, batch_time
 

@@ -94,11 +94,11 @@ from diffusion_lab.samplers.base import (
     StepCallback,
     gaussian_like,
     initial_state,
-    level_grid,
     report,
     sampler,
     step_pairs,
 )
+from diffusion_lab.samplers.grids import level_grid
 from diffusion_lab.utils import append_dims, batch_time
 
 #: One reverse step: (process, x_t, t, t_prev, x0_hat, generator) -> x_{t_prev}; t, t_prev (B,).
