@@ -35,10 +35,13 @@ def sample_times(
             raise ConfigError(f"loss.eps must lie in [0, 1), got {eps}")
         u = torch.rand(batch_size, device=device, generator=generator)
         return eps + (1 - eps) * u
-    if time_sampling == "fixed":
-        if fixed_time is None or not 0 <= fixed_time <= 1:
-            raise ConfigError(
-                f"time_sampling fixed needs loss.fixed_time in [0, 1], got {fixed_time}"
-            )
-        return torch.full((batch_size,), float(fixed_time), device=device)
-    raise ConfigError(f"unknown time_sampling {time_sampling!r}: use one of {TIME_SAMPLING}")
+    check_time_sampling(time_sampling, fixed_time)
+    return torch.full((batch_size,), float(fixed_time), device=device)
+
+
+def check_time_sampling(time_sampling: str, fixed_time: float | None = None) -> None:
+    """A ConfigError for an unknown ``time_sampling`` or a ``fixed`` one without a time in [0, 1]."""
+    if time_sampling not in TIME_SAMPLING:
+        raise ConfigError(f"unknown time_sampling {time_sampling!r}: use one of {TIME_SAMPLING}")
+    if time_sampling == "fixed" and (fixed_time is None or not 0 <= fixed_time <= 1):
+        raise ConfigError(f"time_sampling fixed needs loss.fixed_time in [0, 1], got {fixed_time}")

@@ -44,7 +44,7 @@ import torch
 from diffusion_lab.config_types import NonNegativeFloat, PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.jacobian_trace import PROBES, exact_trace, hutchinson_trace, make_probe
-from diffusion_lab.losses.base import sample_times
+from diffusion_lab.losses.base import check_time_sampling, sample_times
 from diffusion_lab.score_model import ScoreModel
 
 WEIGHTINGS = ("variance", "none")
@@ -68,6 +68,8 @@ class ScoreMatchingObjective(abc.ABC):
     weighting: str = "variance"
 
     def __post_init__(self) -> None:
+        """Stop at build time, not at the first step."""
+        check_time_sampling(self.time_sampling, self.fixed_time)
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(
                 f"unknown score-matching weighting {self.weighting!r}: use one of {WEIGHTINGS}"
