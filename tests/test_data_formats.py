@@ -261,6 +261,87 @@ def test_cifar10_download_extracts_verified_archive(
     assert formats.CIFAR10_URL.startswith("https://www.cs.toronto.edu/")
 
 
+class Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote CIFAR-10: str and bytes as BINSTRING, no _codecs."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        size = len(obj)
+        short = size < 256
+        head = pickle.SHORT_BINSTRING + bytes([size]) if short else pickle.BINSTRING
+        self.write(head if short else head + struct.pack("<i", size))
+        self.write(obj)
+        self.memoize(obj)
+
+    def save_str(self, obj: str) -> None:
+        self.save_bytes(obj.encode("latin1"))
+
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+
+
+def python2_cifar_pickle(entry: dict) -> bytes:
+    """A batch as the distributed cifar-10-python.tar.gz holds it (numpy 1's module names)."""
+    buf = io.BytesIO()
+    Python2Pickler(buf, protocol=2).dump(entry)
+    return buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
+class Payload:
+    """A pickle whose loading would call ``function(*args)``."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5, "python2"])
+def test_cifar10_batches_of_every_pickle_protocol_load(tmp_path: Path, protocol) -> None:
+    """The restricted unpickler reads the originals' format (Python 2, numpy.core names) and
+    what Python 3 writes (numpy._core, _codecs.encode for bytes, protocol 5's _frombuffer)."""
+    data = write_cifar(tmp_path)
+    folder = tmp_path / formats.CIFAR10_DIR
+    for name, (images, labels) in data.items():
+        entry = {"batch_label": f"batch {name}", "labels": labels, "data": images,
+                 "filenames": [f"{i}.png" for i in range(len(labels))]}  # fmt: skip
+        raw = (python2_cifar_pickle(entry) if protocol == "python2"
+               else pickle.dumps(entry, protocol=protocol))  # fmt: skip
+        (folder / name).write_bytes(raw)
+    x, y = CIFAR10DataModule(root=str(tmp_path)).tensors("test")
+    assert torch.equal(x, torch.from_numpy(data["test_batch"][0].reshape(-1, 3, 32, 32)) / 255)
+    assert y.tolist() == data["test_batch"][1]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["os.system", "builtins.exec", "builtins.open", "subprocess.call", "nested in the array"],
+)
+def test_a_crafted_cifar10_pickle_is_refused_and_its_code_never_runs(tmp_path, payload) -> None:
+    import builtins
+    import os
+    import subprocess
+
+    write_cifar(tmp_path)
+    marker = tmp_path / "marker"
+    bad = {
+        "os.system": Payload(os.system, f"touch {marker}"),
+        "builtins.exec": Payload(builtins.exec, f"open({str(marker)!r}, 'w')"),
+        "builtins.open": Payload(builtins.open, str(marker), "w"),
+        "subprocess.call": Payload(subprocess.call, ["touch", str(marker)]),
+        "nested in the array": np.array([Payload(os.system, f"touch {marker}")], dtype=object),
+    }[payload]
+    batch = tmp_path / formats.CIFAR10_DIR / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": bad, b"labels": [0]}, protocol=2))
+    with pytest.raises(DataError, match="not a CIFAR-10 batch") as err:
+        CIFAR10DataModule(root=str(tmp_path)).setup()
+    assert not marker.exists()
+    message = str(err.value)
+    assert str(batch) in message and "download again" in message and "\n" not in message
+
+
 # ----------------------------------------------------------------------------- CelebA
 def test_celeba_partition_and_64px_protocol(tmp_path: Path) -> None:
     paths = write_celeba(tmp_path)
