@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import torch
 import yaml
@@ -21,30 +24,78 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.run import config_dir, one_line_errors
 from diffusion_lab.schema import check_config, compose_config
 
+T = TypeVar("T")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are the project's one line (``diffusion_lab: error:``,
+    exit code 2) with the usage on the same line, not argparse's two."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = " ".join(self.format_usage().split())
+        print(f"diffusion_lab: error: {message} ({usage})", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """A folder that exists (a typo or a wrong path is named as such, not as untrained)."""
+    if not run_dir.is_dir():
+        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        raise ConfigError(
+            f"no such run folder {run_dir} ({what}): give the folder a run wrote "
+            "(its hydra.run.dir, e.g. outputs/<date>/<time>)"
+        )
+
+
+def read_yaml(path: Path, load: Callable[[str], T]) -> T:
+    """``load(text of path)``; an unreadable or malformed file is one ConfigError line."""
+    try:
+        return load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(
+            f"cannot read {path} ({reason}): restore the file the run wrote"
+        ) from None
+
 
 def load_run(run_dir: Path, overrides: list[str]):
     """The run's method with its trained weights, and its DataModule."""
+    check_run_folder(run_dir)
+    checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint_path.is_file():
+        raise ConfigError(f"no checkpoint at {checkpoint_path}: train the run first")
     recorded = run_dir / ".hydra" / "overrides.yaml"
-    saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else []
+    saved = read_yaml(recorded, yaml.safe_load) if recorded.is_file() else []
     cfg = compose_config(config_dir(), [*saved, *overrides])
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     check_config(cfg)
     datamodule, metrics = build_datamodule(cfg)
     method = build_method(cfg, metrics)
-    checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
-    if not checkpoint_path.is_file():
-        raise ConfigError(f"no checkpoint at {checkpoint_path}: train the run first")
     checkpoint = load_checkpoint(checkpoint_path, method)
     method.load_state_dict(checkpoint["state_dict"])  # the EMA weights when EMA was on
     return cfg, method, datamodule
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Draw ``--num-samples`` samples from a trained run folder (and score them)."""
+    parser = OneLineParser(
+        prog="python -m diffusion_lab.sample", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sampler=pc")
-    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--num-samples", type=positive_int, default=64)
     parser.add_argument("--evaluate", action="store_true", help="also score the samples")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     with one_line_errors():

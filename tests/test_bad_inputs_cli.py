@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_data_formats import Payload, write_cifar
 
 from diffusion_lab.data import formats
@@ -48,3 +49,25 @@ def test_a_crafted_cifar10_batch_stops_the_run_and_its_code_never_runs(tmp_path)
     assert str(batch) in line and "posix.system" in line, line
     assert not marker.exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- sample, evaluate
+@pytest.mark.parametrize("value", ["-3", "0"])
+def test_sample_takes_only_a_positive_number_of_samples(tmp_path, value):
+    line = one_error_line(command("sample", str(tmp_path), "--num-samples", value))
+    assert "--num-samples" in line and "positive integer" in line, line
+
+
+@pytest.mark.parametrize("module", ["sample", "evaluate"])
+def test_a_missing_run_folder_is_named_as_missing(tmp_path, module):
+    missing = tmp_path / "no_such_run"
+    line = one_error_line(command(module, str(missing)))
+    assert f"no such run folder {missing}" in line and "train" not in line, line
+
+
+@pytest.mark.parametrize("module", ["sample", "evaluate"])
+def test_a_run_folder_without_its_results_says_train_the_run_first(tmp_path, module):
+    (tmp_path / "config.yaml").write_text("seed: 0\n")  # the run started, but wrote nothing yet
+    line = one_error_line(command(module, str(tmp_path)))
+    expected = "last.ckpt" if module == "sample" else "samples.pt"
+    assert expected in line and "train the run first" in line, line
