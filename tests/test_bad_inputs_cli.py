@@ -71,3 +71,62 @@ def test_a_run_folder_without_its_results_says_train_the_run_first(tmp_path, mod
     line = one_error_line(command(module, str(tmp_path)))
     expected = "last.ckpt" if module == "sample" else "samples.pt"
     assert expected in line and "train the run first" in line, line
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def test_the_checkpoint_writer_keeps_its_temporary_beside_the_target(tmp_path, monkeypatch):
+    """torch.save writes ``.last.ckpt.<pid>.tmp`` in the checkpoints folder, then it is renamed:
+    nothing goes through the system temp folder (where a kill would leave it)."""
+    import tempfile
+
+    import torch
+
+    from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    real_save, written = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        written.append(Path(getattr(f, "name", f)))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    assert written == [path.parent / f".last.ckpt.{os.getpid()}.tmp"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert not list(system_tmp.iterdir())
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+
+
+def test_a_run_removes_the_temporaries_of_killed_writers_and_keeps_a_live_ones(tmp_path):
+    """Temporaries of a dead writer and the earlier versions' pid-less form, left in a run
+    folder by a kill, are removed when a run starts there again (``on_fit_start``, the same for a
+    fresh run and ``ckpt_path=last``); a live writer's stays; what the earlier versions left in
+    the system temp folder is named, never deleted."""
+    import torch
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])  # a pid that is gone
+    dead.wait()
+    stale = [checkpoints / f".last.ckpt.{dead.pid}.tmp", checkpoints / ".last.ckpt.tmp"]
+    live = checkpoints / f".last.ckpt.{os.getpid()}.tmp"  # this test process: alive
+    for path in (*stale, live):
+        path.write_bytes(b"half a checkpoint")
+    legacy = system_tmp / "tmpab12cd34"  # what the old writer's tempfile.mkstemp() left
+    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": {"run_config": {}}},
+               legacy)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.run", *QUICK, "trainer.max_steps=2", "data.metrics=[]",
+         "final_samples=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(system_tmp)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["last.ckpt", live.name])
+    assert legacy.exists() and f"rm {legacy}" in result.stdout + result.stderr
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
