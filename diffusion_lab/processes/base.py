@@ -93,6 +93,13 @@ class ForwardProcess(nn.Module, abc.ABC):
 
         The label of networks with one embedding per level (NCSN's CIN++ RefineNet: index 0 is
         sigma_1 = sigma_max, the labels of the authors' code).
+
+        Ties are decided the same on every machine: each |t - t_i| is one IEEE subtraction in t's
+        dtype (correctly rounded on any CPU or GPU; no sum whose order could vary), and a t exactly
+        halfway between two levels goes to the lower time, the less noisy level (``argmin``
+        returns the first of equal minima; levels increase). Callers pass level times
+        (``time_sampling="levels"``, the level grids), possibly in another dtype, which are their
+        level (levels lie 1/N apart, far above float32 rounding), or continuous times.
         """
         levels = self.level_times().to(t)
         nearest = (t[:, None] - levels[None, :]).abs().argmin(dim=1)

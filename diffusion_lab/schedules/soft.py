@@ -43,8 +43,8 @@ candidates from one set of training images. Why this estimator and not W between
   i.e. about 8 minutes for all pairs, for the same numbers.
 
 The number of levels on the path as a function of eps. The graph only changes where eps crosses
-a distance, so the bisection runs over the sorted distinct distances (a finite, exact search).
-What is monotone, and what is not:
+a distance, so the bisection runs over the sorted distinct distances (a finite, exact search; the
+distances at the search's resolution, next section). What is monotone, and what is not:
 
 - The cost of the minimum-sum path, and the FEWEST levels of any eps-feasible path, are
   non-increasing in eps: raising eps only adds edges, so every path feasible at eps stays
@@ -73,14 +73,55 @@ Hence two objectives (``objective``):
   exact and every count between the bottleneck path's and K's is reached. Its path is also a
   shortest (minimum-sum) path among those of its length, and on the digits (the soft ablations'
   16x16, blur 0.01 -> 6, 256 candidates, 32 levels) its sum, 6.1506, is within 0.01% of the
-  minimum-sum path's, 6.1500.
-- ``sum`` (sec. 3.3 and the Fig. 6 caption read literally: the minimum sum of distances). Its
+  minimum-sum path's, 6.1505.
+- ``sum`` (sec. 3.3 and the Fig. 6 caption read literally: the minimum sum of distances; among
+  equal sums the fewest levels, as sec. 3.3's eps = infinity case has it: the direct path). Its
   count is not monotone in eps (above), and where the sum path reaches the requested count it
   does so partly by visiting nearly coincident candidates that cost almost nothing: on the same
-  digits its 32 levels include 0.174 / 0.198 / 0.221 and 3.463 / 3.487, while the
-  fewest-levels path climbs evenly (0.01, 0.339, 0.433, 0.503, 0.574, ..., gaps growing
-  smoothly to 0.40 at the top). A level spent on a near-duplicate is a level not spent where
-  the distribution changes.
+  digits its 32 levels include 2.195 / 2.218 (a step of 0.028 in M, the others 0.1 to 0.22;
+  with the float search of before, on this machine, 0.174 / 0.198 / 0.245 and 5.342 / 5.389),
+  while the fewest-levels path climbs in steps of M of 0.18 to 0.22 but one (0.063, 5.460 ->
+  5.577; the sum of 32 levels barely depends on where a spare level goes). A level spent on a
+  near-duplicate is a level not spent where the distribution changes.
+
+Ties: the search is exact on integers. Along the blur curve the triangle inequality is nearly an
+equality, so paths of different lengths have nearly equal sums, and distances nearly equal ones.
+On 200 training digits at 16x16 (64 candidates 0.01 .. 8, largest distance 5.6): M(0.01, 0.137)
+is 1.04e-11 (both kernels are the identity to 3e-12) and M(1, 63) lies 6.7e-12 below M(0, 63),
+so at eps = infinity the hop 0 -> 1 -> 63 is dearer than the direct path by 4e-12 (for a metric
+the direct path is a shortest one; sec. 3.3: "for any metric M, the shortest path is to go
+directly"), far below the float noise of the distances. Two causes of noise, two remedies:
+
+- Cancellation. M^2 = (G_ii + G_jj - 2 G_ij) / N loses about c u G_ii (u = 2^-53; c grows
+  with the length of the sums and depends on their order: the BLAS kernel, the chunking), i.e.
+  an absolute error of about min(sqrt(c u S), c u S / (2 M)), S = G_ii / N, which ruins the
+  smallest distances. With rows C_i x_n the Gram matrix gave M(0.01, 0.137) = 0 on the 200
+  digits in one summation order and up to 9e-7 (1.7e-7 of the largest distance) in others
+  (chunks of 1, 7, 37 or 200 images); on 1000 digits (256 candidates 0.01 .. 6) the distances
+  below 1e-6 of the largest were off by up to 8.2e-7 of it over 17 orders (against a direct sum
+  of squared differences). :func:`coupled_distances` therefore centres the rows on the first
+  candidate's (C_i x_n - C_0 x_n; the same distances in exact arithmetic): the largest error
+  fell to 2.1e-11 of the largest distance over 8 orders on the 1000 digits, 1.2e-12 over the 4
+  on the 200.
+- What remains, about 1e-12 to 1e-11 of the largest distance, still decides near-ties such as
+  the one above if the search compares floats: another machine (another BLAS) then gets another
+  schedule from the same data and config; under ``sum`` the old float search gave 11 different
+  32-level schedules from the 1000 digits in 17 summation orders. So every distance is rounded to
+  an integer multiple of the quantum ``DISTANCE_RTOL`` * max M (:func:`quantise_distances`;
+  DISTANCE_RTOL = 1e-7: 5,000 times the largest error measured, no distance's integer changed
+  over the 8 orders, and a path's sum is resolved to about 1e-7 of the largest distance, far
+  below any difference that matters for a schedule), eps likewise, and the search compares
+  paths exactly on those integers, lexicographically: ``sum`` by (sum, levels, index sequence),
+  ``fewest_levels`` by (levels, sum, index sequence); the index sequence (the lexicographically
+  smallest wins) decides only paths equal at the resolution in both. The bisection's candidates
+  for eps are the distinct integers (:func:`eps_candidates`), so distances that noise alone
+  separates are one candidate.
+
+The schedule is then a function of the integers, the same on any machine. What rounding cannot
+remove: a distance within noise of a half-integer multiple of the quantum may round either way,
+a chance of about 2 x noise / quantum (about 1e-4 for an error of 5e-12 of the largest distance),
+and it changes the schedule only if that distance also decides a tie. Returned costs are the
+sums of the unrounded distances; eps is its integer times the quantum.
 
 The bisection does not need monotonicity to be correct: it keeps the invariant
 count(lo) > requested > count(hi) and stops at an eps whose path holds exactly the requested
@@ -106,7 +147,6 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import brentq, linear_sum_assignment
-from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.operators import GaussianBlur
@@ -194,7 +234,12 @@ def coupled_distances(
     noise, equal at both levels, cancels. The images are blurred in chunks of ``chunk_images``
     (None: all at once up to about 256 MB of float64 per chunk) and the Gram matrix
     G = sum_n Y_n Y_n^T is accumulated in float64, M^2 = (diag G_i + diag G_j - 2 G_ij) / N; the
-    diagonal is set to 0 exactly and round-off below 0 to 0.
+    diagonal is set to 0 exactly and round-off below 0 to 0. The rows are centred on the first
+    candidate's, Y_n = (C_k x_n - C_0 x_n)_k (distances are unchanged in exact arithmetic): the
+    cancellation then scales with ||(C_i - C_0) x||^2, not ||C_i x||^2, and distances among the
+    candidates that are nearly the identity (the small stds) keep their digits instead of
+    coming out as rounding noise up to 1e-6 of the largest distance, which differs with the
+    summation order (module docstring, "Ties").
     """
     x0 = torch.as_tensor(x0)
     n = x0.shape[0]
@@ -207,6 +252,7 @@ def coupled_distances(
     with torch.no_grad():
         for start in range(0, n, chunk):
             y = _blurred_stack(x0[start : start + chunk], blur, stds)
+            y = y - y[:1]
             gram += y @ y.T
     sq = torch.diagonal(gram)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * gram) / n
@@ -260,6 +306,91 @@ def sampled_level_distance(
 
 # --------------------------------------------------------------------------- shortest path
 
+#: The resolution of the path search, relative to the largest distance of the matrix: every
+#: distance (and eps) is rounded to an integer multiple of ``DISTANCE_RTOL * max M`` and paths are
+#: compared exactly on those integers (module docstring, "Ties"). 1e-7: 5,000 times the largest
+#: float64 error of :func:`coupled_distances` measured over summation orders (2.1e-11 of the
+#: largest distance, 1000 digits, 256 candidates), so that noise moves an integer with a chance
+#: of about 1e-4 at most, and still fine enough that a path's sum is resolved to 1e-7 of the
+#: largest distance.
+DISTANCE_RTOL = 1e-7
+
+_UNREACHABLE = np.iinfo(np.int64).max
+
+
+def quantise_distances(distances: np.ndarray) -> tuple[np.ndarray, float]:
+    """The distances as integer multiples of the search's resolution, and that quantum.
+
+    Returns ``(units, quantum)``: ``units`` (K, K) int64, round(M / quantum) (half to even), and
+    quantum = ``DISTANCE_RTOL`` * (the largest distance of the upper triangle, the only part the
+    search reads; ``units`` is that triangle mirrored, with a zero diagonal); all zero with
+    quantum 0 when every distance is 0. The largest distance is 1 / DISTANCE_RTOL units exactly,
+    so a relative perturbation of the whole matrix moves the quantum with it. Distances must be
+    finite and nonnegative.
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] != d.shape[1]:
+        raise ValueError(f"distances must be a square matrix, got shape {d.shape}")
+    upper = d[np.triu_indices(d.shape[0], 1)]
+    if not np.all(np.isfinite(upper)) or np.any(upper < 0):
+        raise ValueError("distances must be finite and nonnegative")
+    largest = float(upper.max(initial=0.0))
+    if largest == 0.0:
+        return np.zeros(d.shape, dtype=np.int64), 0.0
+    quantum = DISTANCE_RTOL * largest
+    units = np.triu(np.rint(np.triu(d, 1) / quantum).astype(np.int64), 1)
+    return units + units.T, quantum
+
+
+def _eps_units(eps: float, quantum: float) -> int:
+    """eps in units of the quantum, rounded as the distances are (an edge M <= eps is one with
+    units(M) <= units(eps))."""
+    if math.isnan(eps):
+        raise ValueError("eps is NaN")
+    if quantum == 0.0:
+        return 0 if eps >= 0 else -1
+    return int(min(np.rint(eps / quantum), 2.0**62))
+
+
+def _search(units: np.ndarray, eps_units: int, objective: str) -> list[int] | None:
+    """The best increasing path 0 -> K-1 with edges of at most ``eps_units``, exactly.
+
+    Paths are ordered lexicographically by (sum of units, levels) for ``sum`` and (levels, sum)
+    for ``fewest_levels``, both encoded in one int64 per edge (sum * (K + 1) + 1, resp.
+    B + units with B larger than any path's sum), and then by the index sequence: the cost to
+    reach K-1 from every node by dynamic programming over the DAG (edges i < j), then the path
+    from 0 taking at each node the smallest next index on an optimal path.
+    """
+    k = units.shape[0]
+    if k * k * (int(units.max(initial=0)) + 1) >= 2**61:
+        raise ValueError(f"{k} candidates are too many for exact path keys")
+    allowed = np.triu(units <= eps_units, 1)
+    if objective == "sum":
+        edge = units * (k + 1) + 1
+    else:
+        edge = units + (k * int(units.max(initial=0)) + 1)
+    togo = np.full(k, _UNREACHABLE, dtype=np.int64)
+    togo[k - 1] = 0
+    successors: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * k
+    for i in range(k - 2, -1, -1):
+        nxt = i + 1 + np.flatnonzero(allowed[i, i + 1 :])
+        nxt = nxt[togo[nxt] != _UNREACHABLE]
+        successors[i] = nxt
+        if nxt.size:
+            togo[i] = (edge[i, nxt] + togo[nxt]).min()
+    if togo[0] == _UNREACHABLE:
+        return None
+    path = [0]
+    while path[-1] != k - 1:
+        i = path[-1]
+        nxt = successors[i]
+        path.append(int(nxt[edge[i, nxt] + togo[nxt] == togo[i]][0]))
+    return path
+
+
+def _path_cost(d: np.ndarray, path: Sequence[int]) -> float:
+    return float(sum(d[i, j] for i, j in zip(path, path[1:])))
+
 
 def shortest_path(
     distances: np.ndarray, eps: float, objective: str = "fewest_levels"
@@ -268,46 +399,56 @@ def shortest_path(
     its sum of distances; None if no such path exists.
 
     ``objective`` ``fewest_levels`` (the default; module docstring): the path with the fewest
-    levels, the smallest sum among those (each edge
-    weighs M + Lambda with Lambda larger than any path's sum, so Dijkstra minimises the count
-    first). ``sum`` (sec. 3.3 read literally): the path whose SUM of distances is smallest.
-    Edges join i < j only (a blur schedule is increasing); zero distances stay edges.
-    Dijkstra of ``scipy.sparse.csgraph``.
+    levels, the smallest sum among those. ``sum`` (sec. 3.3 read literally): the path whose SUM
+    of distances is smallest, the fewest levels among those. Edges join i < j only (a blur
+    schedule is increasing); zero distances stay edges. The search is exact on the distances
+    rounded to the resolution ``DISTANCE_RTOL`` (:func:`quantise_distances`; eps rounded the
+    same way), and a tie that remains is broken by the lexicographically smallest index
+    sequence, so the path does not depend on the last bits of the distances (module docstring,
+    "Ties"). The returned sum is that of the unrounded distances along the path.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown path objective {objective!r}: use {' or '.join(OBJECTIVES)}")
     d = np.asarray(distances, dtype=np.float64)
-    k = d.shape[0]
-    allowed = np.triu(d <= eps, 1)
-    penalty = 0.0
-    if objective == "fewest_levels":
-        penalty = float(k * max(d[allowed].max(initial=0.0), 0.0) + 1.0)
-    weights = np.where(allowed, d + penalty, np.inf)
-    graph = csgraph_from_dense(weights, null_value=np.inf)
-    cost, pred = dijkstra(graph, directed=True, indices=0, return_predecessors=True)
-    if not np.isfinite(cost[k - 1]):
-        return None
-    path = [k - 1]
-    while path[-1] != 0:
-        path.append(int(pred[path[-1]]))
-    path = path[::-1]
-    return path, float(sum(d[i, j] for i, j in zip(path, path[1:])))
+    units, quantum = quantise_distances(d)
+    path = _search(units, _eps_units(float(eps), quantum), objective)
+    return None if path is None else (path, _path_cost(d, path))
+
+
+def _bottleneck_units(units: np.ndarray) -> int:
+    best = np.full(units.shape[0], _UNREACHABLE, dtype=np.int64)
+    best[0] = 0
+    for j in range(1, units.shape[0]):
+        best[j] = np.min(np.maximum(best[:j], units[:j, j]))
+    return int(best[-1])
 
 
 def bottleneck(distances: np.ndarray) -> float:
-    """The smallest eps for which an increasing path 0 -> K-1 exists (the minimax path)."""
-    d = np.asarray(distances, dtype=np.float64)
-    best = np.full(d.shape[0], np.inf)
-    best[0] = 0.0
-    for j in range(1, d.shape[0]):
-        best[j] = np.min(np.maximum(best[:j], d[:j, j]))
-    return float(best[-1])
+    """The smallest eps for which an increasing path 0 -> K-1 exists (the minimax path), at the
+    search's resolution: a multiple of the quantum of :func:`quantise_distances`."""
+    units, quantum = quantise_distances(distances)
+    return _bottleneck_units(units) * quantum
+
+
+def eps_candidates(distances: np.ndarray) -> np.ndarray:
+    """The eps values at which the graph G_eps changes, from the bottleneck up: the distinct
+    rounded distances (``np.unique`` of the integers of :func:`quantise_distances`) times the
+    quantum. Distances that differ below the resolution give one candidate, not several."""
+    units, quantum = quantise_distances(distances)
+    return _eps_grid(units) * quantum
+
+
+def _eps_grid(units: np.ndarray) -> np.ndarray:
+    values = np.unique(units[np.triu_indices(units.shape[0], 1)])
+    return values[values >= _bottleneck_units(units)]  # below it no path exists
 
 
 @dataclass
 class PathResult:
     """The chosen path: node indices, eps, its cost, whether the count is the one requested, and
-    the (eps, count) pairs the bisection evaluated."""
+    the (eps, count) pairs the bisection evaluated. ``eps`` is ``eps_units`` times ``quantum``
+    (:func:`quantise_distances`): the integer is what the search used, the same on any machine
+    for the same data; the float follows the largest distance to its last bits."""
 
     path: list[int]
     eps: float
@@ -315,6 +456,8 @@ class PathResult:
     requested: int
     exact: bool
     evaluations: list[tuple[float, int]] = field(default_factory=list)
+    eps_units: int = 0
+    quantum: float = 0.0
 
 
 def find_eps(
@@ -325,29 +468,40 @@ def find_eps(
 ) -> PathResult:
     """Bisection on eps over the sorted distinct distances so that the shortest path holds
     ``num_levels`` levels (both end points included; module docstring for the invariant and for
-    what is returned when no eps gives exactly that count)."""
+    what is returned when no eps gives exactly that count).
+
+    The distinct distances are those at the search's resolution (:func:`eps_candidates`: the
+    distinct integers of :func:`quantise_distances`), and every path is searched on the same
+    integers (:func:`shortest_path`), so the result depends on the distances only through them.
+    """
     d = np.asarray(distances, dtype=np.float64)
     k = d.shape[0]
     if num_levels < 2:
         raise ConfigError(f"need at least 2 blur levels, got {num_levels}")
     if num_levels > k:
         raise ConfigError(f"cannot choose {num_levels} levels from {k} candidates")
-    values = np.unique(d[np.triu_indices(k, 1)])
-    values = values[values >= bottleneck(d)]  # below it no path exists
-    results: dict[int, tuple[list[int], float]] = {}
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown path objective {objective!r}: use {' or '.join(OBJECTIVES)}")
+    units, quantum = quantise_distances(d)
+    values = _eps_grid(units)
+    results: dict[int, list[int]] = {}
     evaluations: list[tuple[float, int]] = []
+
+    def eps_at(index: int) -> float:
+        return float(values[index] * quantum)
 
     def count(index: int) -> int:
         if index not in results:
-            found = shortest_path(d, float(values[index]), objective)
+            found = _search(units, int(values[index]), objective)
             assert found is not None  # every value is at least the bottleneck
             results[index] = found
-            evaluations.append((float(values[index]), len(found[0])))
-        return len(results[index][0])
+            evaluations.append((eps_at(index), len(found)))
+        return len(results[index])
 
     def result(index: int, exact: bool) -> PathResult:
-        path, cost = results[index]
-        return PathResult(path, float(values[index]), cost, num_levels, exact, evaluations)
+        path = results[index]
+        return PathResult(path, eps_at(index), _path_cost(d, path), num_levels, exact,
+                          evaluations, int(values[index]), quantum)  # fmt: skip
 
     steps = max(1, math.ceil(math.log2(max(len(values), 2)))) + 2
     bar = None
@@ -368,7 +522,7 @@ def find_eps(
             if not exact:
                 log.warning(
                     "blur schedule: no eps gives %d levels; the path holds %d (eps = %.6g)",
-                    num_levels, count(best), values[best],
+                    num_levels, count(best), eps_at(best),
                 )  # fmt: skip
             return result(best, exact)
         while hi - lo > 1:  # invariant: count(lo) > num_levels > count(hi)
@@ -376,7 +530,7 @@ def find_eps(
             c = count(mid)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(eps=f"{values[mid]:.4g}", levels=c)
+                bar.set_postfix(eps=f"{eps_at(mid):.4g}", levels=c)
             if c == num_levels:
                 return result(mid, True)
             if c > num_levels:
@@ -387,7 +541,7 @@ def find_eps(
         best = lo if count(lo) - num_levels <= num_levels - count(hi) else hi
         log.warning(
             "blur schedule: no eps gives %d levels (%d at eps = %.6g, %d at %.6g); returning %d",
-            num_levels, count(lo), values[lo], count(hi), values[hi], count(best),
+            num_levels, count(lo), eps_at(lo), count(hi), eps_at(hi), count(best),
         )  # fmt: skip
         return result(best, False)
     finally:
@@ -596,7 +750,7 @@ def compute_schedule(
                  "image_shape": list(x0.shape[1:])}  # fmt: skip
     if method == "wasserstein":
         settings |= {"num_candidates": int(num_candidates), "spacing": spacing,
-                     "objective": objective,
+                     "objective": objective, "distance_rtol": DISTANCE_RTOL,
                      "distance": "coupled: sqrt(E ||(C_i - C_j) x0||^2)"}  # fmt: skip
         levels, info = wasserstein_path_levels(
             x0, blur, num_levels, blur_min, blur_max, num_candidates, spacing, progress, objective
@@ -704,6 +858,8 @@ def resolve_schedule(
                     "ve_sigma_max": ve_sigma_max, "num_images": num_images,
                     "data_range": list(data_range), "model_range": list(model_range),
                     "blur": blur_cfg}  # fmt: skip
+    if method == "wasserstein":  # schedules of the float search (before issue 19) are not reused
+        key_settings["path_search"] = f"exact on integers, rtol {DISTANCE_RTOL:g}"
     data_plain = {k: v for k, v in dict(_to_plain(data)).items()
                   if k not in ("batch_size", "num_workers", "seed", "metrics", "eval_batch_size")}  # fmt: skip
     path = default_schedule_path(
