@@ -51,6 +51,29 @@ def test_a_crafted_cifar10_batch_stops_the_run_and_its_code_never_runs(tmp_path)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+# ----------------------------------------------------------------------------- memory
+def test_an_fp_embedding_too_large_for_memory_stops_before_the_solve(tmp_path):
+    """The offline line at data.image_size=1000 (the default n_copies=1000): its U-Net's middle
+    attention alone would take 16 x 250 GB at the first step, after minutes of FP solve; the
+    estimate stops it at the start, in seconds, with one line."""
+    import time
+
+    from diffusion_lab.run import offline_overrides
+
+    offline = offline_overrides("fp_embed_cifar10_single").split()
+    start = time.monotonic()
+    result = command("run", "+experiment=fp_embed_cifar10_single", *offline,
+                     "data.image_size=1000", f"hydra.run.dir={tmp_path}",
+                     "trainer.enable_progress_bar=false")  # fmt: skip
+    took = time.monotonic() - start
+    line = one_error_line(result)
+    assert "needs about" in line and "TiB of memory" in line and "available" in line, line
+    assert "data.image_size (now 1000)" in line and "data.batch_size" in line, line
+    assert "FP solve: iterations" not in result.stdout + result.stderr  # stopped before it
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert took < 120, took  # about 15 s here, nearly all of it the start-up
+
+
 # ----------------------------------------------------------------------------- sample, evaluate
 @pytest.mark.parametrize("value", ["-3", "0"])
 def test_sample_takes_only_a_positive_number_of_samples(tmp_path, value):

@@ -5,9 +5,52 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.utils.data import Dataset
 
-from diffusion_lab.data.base import SplitDataModule, TensorDataModule, check_int
+from diffusion_lab.data.base import (
+    SplitDataModule,
+    TensorDataModule,
+    TensorPairDataset,
+    check_int,
+    to_float_images,
+)
 from diffusion_lab.errors import ConfigError, DataError
+
+
+class RepeatedPairDataset(TensorPairDataset):
+    """``(x[i mod K], y[i mod K])`` for i < K * copies: K images repeated, the copies never
+    stored (at 1000x1000, 1000 copies of three images would be 36 GB). ``x`` and ``y`` give the
+    whole repeated split, built on request, as :meth:`TensorDataModule.tensors` reads them."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, copies: int) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} inputs but {len(labels)} labels")
+        self.images, self.labels, self.copies = images, labels.to(torch.int64), copies
+
+    @property
+    def x(self) -> torch.Tensor:  # type: ignore[override]
+        return self.images[self._order()]
+
+    @property
+    def y(self) -> torch.Tensor:  # type: ignore[override]
+        return self.labels[self._order()]
+
+    def _order(self) -> torch.Tensor:
+        return torch.arange(len(self.images)).repeat(self.copies)
+
+    def __len__(self) -> int:
+        return len(self.images) * self.copies
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} examples")
+        k = i % len(self.images)
+        return to_float_images(self.images[k]), self.labels[k]
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Batched fetch (one gather instead of B small ones)."""
+        k = torch.as_tensor(idx, dtype=torch.int64) % len(self.images)
+        return list(zip(to_float_images(self.images[k]), self.labels[k], strict=True))
 
 
 class FewImagesDataModule(TensorDataModule):
@@ -49,7 +92,17 @@ class FewImagesDataModule(TensorDataModule):
         self.label = label
         self.n_copies = check_int("n_copies", n_copies, 1)
 
+    def build_splits(self) -> dict[str, Dataset]:
+        """val and test: the picked images; train: them repeated ``n_copies`` times, by index
+        (:class:`RepeatedPairDataset`), not as copies in memory."""
+        splits = super().build_splits()
+        picked = splits["val"]
+        assert isinstance(picked, TensorPairDataset)
+        splits["train"] = RepeatedPairDataset(picked.x, picked.y, self.n_copies)
+        return splits
+
     def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The picked images and labels in every split (``build_splits`` repeats the train one)."""
         dataset = self.source.dataset("train")
         picked = []
         for i in range(len(dataset)):
@@ -65,5 +118,4 @@ class FewImagesDataModule(TensorDataModule):
             )
         x = torch.stack([p[0] for p in picked])
         y = torch.tensor([p[1] for p in picked], dtype=torch.int64)
-        repeat = torch.arange(self.count).repeat(self.n_copies)
-        return {"train": (x[repeat], y[repeat]), "val": (x, y), "test": (x, y)}
+        return {"train": (x, y), "val": (x, y), "test": (x, y)}
