@@ -3,23 +3,40 @@
 The run folder holds the resolved config (config.yaml), checkpoints/ (last.ckpt), samples/ (a PNG
 grid per validation), samples.png and samples.pt (final EMA samples), metrics.csv and curves.png,
 final_metrics.json and the loggers' files.
+
+Every stop ends with one line on stderr, the last one printed (progress bars are closed first):
+
+- exit 2, ``diffusion_lab: error: ...``: bad input, a divergence (a NaN loss, NaN samples), a
+  failed checkpoint write, a crash in training or in the final sampling; the line names the
+  checkpoint kept and the command that goes on. A ``-m`` sweep runs every job and ends with one
+  such line per failed job (its number, overrides, folder and reason).
+- exit 130 (Ctrl-C, SIGINT) or 143 (SIGTERM), ``diffusion_lab: interrupted: ...``: the step, the
+  checkpoint kept and the command that resumes (or, during the final sampling, that samples).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from lightning.pytorch.trainer.states import TrainerStatus
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from diffusion_lab.build import (
     build_datamodule,
@@ -37,10 +54,38 @@ from diffusion_lab.errors import (
     TrainingDivergedError,
     TrainingFailedError,
 )
-from diffusion_lab.metrics.evaluator import SampleEvaluator
+from diffusion_lab.metrics.evaluator import (
+    NonFiniteSamplesError,
+    SampleEvaluator,
+    check_samples_finite,
+)
 from diffusion_lab.schema import check_config, check_overrides
 
 log = logging.getLogger("diffusion_lab")
+
+#: Exit codes of an interrupted run: 128 + the signal's number, the shells' convention.
+SIGINT_EXIT, SIGTERM_EXIT = 130, 143
+#: Hydra's record of a resumed run (``.hydra/``), written by :func:`write_hydra_record` once the
+#: checkpoint is accepted; None when Hydra writes it itself (see :func:`defer_hydra_record`).
+DEFERRED_RECORD: str | None = None
+#: Hydra's override that keeps it from writing its record (Lightning's DDP launcher adds it too).
+NO_RECORD = "hydra.output_subdir=null"
+
+
+class RunInterrupted(DiffusionLabError):
+    """Ctrl-C or SIGTERM: the message says what was kept and the command that goes on."""
+
+    def __init__(self, message: str, exit_code: int = SIGINT_EXIT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SweepInterrupted(BaseException):
+    """A sweep job interrupted: ends the whole sweep (Hydra goes on after an ``Exception``)."""
+
+    def __init__(self, error: RunInterrupted) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def wandb_mode() -> str:
@@ -66,30 +111,111 @@ def config_dir() -> str:
     raise FileNotFoundError("diffusion_lab's conf/ folder is missing: reinstall the package")
 
 
+def close_progress_bars() -> bool:
+    """Close every open tqdm bar (Lightning's write to stdout, the samplers' to stderr), the
+    innermost first, and flush both streams, so that no bar redraws after what is printed next
+    (an open bar is redrawn when it is closed at exit); whether any bar was open."""
+    from tqdm import tqdm
+
+    bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not bar.disable]
+    for bar in sorted(bars, key=lambda bar: -abs(getattr(bar, "pos", 0) or 0)):
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone: nothing left to clear
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return bool(bars)
+
+
+def stop_line(exc: DiffusionLabError) -> str:
+    """The one line a stop prints: ``diffusion_lab: interrupted: ...`` or ``... error: ...``."""
+    kind = "interrupted" if isinstance(exc, RunInterrupted) else "error"
+    return f"diffusion_lab: {kind}: {exc}"
+
+
+def print_last_lines(*lines: str) -> None:
+    """Print ``lines`` to stderr as the last output, each on its own line: after the progress
+    bars are closed, and after a newline if one was drawing (a bar cleared or moved up leaves
+    the cursor inside a line)."""
+    if close_progress_bars():
+        print(file=sys.stderr)
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Stop with one clear line, not a traceback, on the project's own errors."""
+    """Stop with one clear line, not a traceback, on the project's own errors: exit 2, or the
+    interrupt's code (130, 143)."""
     try:
         yield
     except DiffusionLabError as exc:
-        print(f"diffusion_lab: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        print_last_lines(stop_line(exc))
+        sys.exit(getattr(exc, "exit_code", 2))
+
+
+def run_overrides() -> list[str]:
+    """The run's own overrides (Hydra's ``overrides.task``), none outside a Hydra job."""
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def resume_command(run_dir: Path) -> str:
+    """The shell command that resumes the run in ``run_dir`` from its last.ckpt, with its
+    overrides (``ckpt_path`` replaced)."""
+    kept = [o for o in run_overrides() if o.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
+    words = ["python", "-m", "diffusion_lab.run", f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+    return " ".join(shlex.quote(word) for word in [*words, *kept])
+
+
+def kept_checkpoint(run_dir: Path) -> str:
+    """The words "checkpoint kept at <path>", or that none was written."""
+    path = last_checkpoint_path(run_dir)
+    return f"checkpoint kept at {path}" if path.is_file() else "no checkpoint was written"
+
+
+def interrupted_in_training(run_dir: Path, trainer: L.Trainer) -> RunInterrupted:
+    """The line of a fit stopped by Ctrl-C or SIGTERM (Lightning has saved last.ckpt)."""
+    what, code = ("SIGTERM", SIGTERM_EXIT) if trainer.received_sigterm else ("Ctrl-C", SIGINT_EXIT)
+    if not last_checkpoint_path(run_dir).is_file():
+        return RunInterrupted(
+            f"interrupted ({what}) at step {trainer.global_step}: no checkpoint was written, "
+            "so there is nothing to resume: run the command again",
+            code,
+        )
+    return RunInterrupted(
+        f"interrupted ({what}) at step {trainer.global_step}: {kept_checkpoint(run_dir)}; resume "
+        f"with {resume_command(run_dir)}",
+        code,
+    )
 
 
 @contextmanager
-def naming_last_checkpoint(run_dir: Path) -> Iterator[None]:
-    """End a failed fit with one line naming the run's last checkpoint and how to resume.
+def naming_last_checkpoint(run_dir: Path, trainer: L.Trainer) -> Iterator[None]:
+    """End a failed or interrupted fit with one line naming the run's last checkpoint and how
+    to resume.
 
     A divergence error gets the checkpoint's path (the method says to resume, but only the run
-    knows its folder); any other exception in training or validation (e.g. a sampler raising)
-    becomes a ``TrainingFailedError`` line, its traceback written to ``<run_dir>/error.log``.
+    knows its folder); Ctrl-C or SIGTERM (Lightning saves the checkpoint, then exits) becomes a
+    ``RunInterrupted`` line with the command that resumes (only rank 0 prints it); any other
+    exception in training or validation (e.g. a sampler raising) becomes a
+    ``TrainingFailedError`` line, its traceback written to ``<run_dir>/error.log``.
     """
     try:
         yield
     except DiffusionLabError as exc:
         if not isinstance(exc, TrainingDivergedError):
             raise
-        raise TrainingDivergedError(f"{exc} {resume_hint(run_dir)}") from None
+        raise type(exc)(f"{exc} {resume_hint(run_dir)}") from None
+    except (SystemExit, KeyboardInterrupt) as exc:
+        if isinstance(exc, SystemExit) and trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        stop = interrupted_in_training(run_dir, trainer)
+        if not trainer.is_global_zero:
+            sys.exit(stop.exit_code)
+        raise stop from None
     except Exception as exc:
         (run_dir / "error.log").write_text(traceback.format_exc())
         what = f"by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -100,6 +226,42 @@ def naming_last_checkpoint(run_dir: Path) -> Iterator[None]:
             )
         raise TrainingFailedError(
             f"training stopped {what} (traceback in {run_dir / 'error.log'}) {resume_hint(run_dir)}"
+        ) from None
+
+
+@contextmanager
+def interrupted_before_training() -> Iterator[None]:
+    """Ctrl-C while the run is set up (data checks, the digits classifier): one line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            "interrupted (Ctrl-C) before training started: run the command again"
+        ) from None
+
+
+@contextmanager
+def final_stage(run_dir: Path, stage: str, again: str) -> Iterator[None]:
+    """Ctrl-C, NaN samples or a crash in the final ``stage`` (sampling, scoring) after training:
+    one line naming the checkpoint kept (written at the end of training) and ``again``, the
+    command that does the stage from it; a crash's traceback goes to ``<run_dir>/error.log``."""
+    kept = kept_checkpoint(run_dir)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted (Ctrl-C) during the final {stage}: {kept}; {again}"
+        ) from None
+    except NonFiniteSamplesError as exc:
+        raise NonFiniteSamplesError(f"{exc}; {kept}") from None
+    except DiffusionLabError:
+        raise
+    except Exception as exc:
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise TrainingFailedError(
+            f"the final {stage} stopped by {reason} (traceback in {run_dir / 'error.log'}); "
+            f"{kept}; {again}"
         ) from None
 
 
@@ -135,27 +297,69 @@ def resume_hint(run_dir: Path) -> str:
     return f"(last good checkpoint: {path}: resume with hydra.run.dir={run_dir} ckpt_path=last)"
 
 
+def defer_hydra_record(argv: list[str]) -> list[str]:
+    """``argv`` for a resumed run (``ckpt_path`` given, no ``-m``) with Hydra told not to write
+    its record (``.hydra/config.yaml``, ``overrides.yaml``, which ``diffusion_lab.sample``
+    reads) before the job starts: :func:`write_hydra_record` writes it once the checkpoint is
+    accepted, so that a refused resume (another width, say) leaves the folder as it was."""
+    global DEFERRED_RECORD
+    try:
+        args = get_args_parser().parse_args(argv[1:])
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except (HydraException, SystemExit):
+        return argv
+    keys = {override.key_or_group: override for override in parsed}
+    ckpt = keys.get("ckpt_path")
+    if args.multirun or ckpt is None or ckpt.value() is None or "hydra.output_subdir" in keys:
+        return argv
+    DEFERRED_RECORD = ".hydra"
+    return [*argv, NO_RECORD]
+
+
+def write_hydra_record(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's record of a resumed run, as Hydra writes it (``config.yaml``, ``hydra.yaml``,
+    ``overrides.yaml`` in ``.hydra/``), once its checkpoint is accepted; nothing unless
+    :func:`defer_hydra_record` held it back."""
+    if DEFERRED_RECORD is None or not HydraConfig.initialized():
+        return
+    hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
+    node = hydra_cfg.hydra  # Hydra's nodes are read-only, each on its own
+    with read_write(node), read_write(node.overrides):
+        node.output_subdir = DEFERRED_RECORD
+        node.overrides.hydra = [o for o in node.overrides.hydra if o != NO_RECORD]
+    folder = run_dir / DEFERRED_RECORD
+    folder.mkdir(parents=True, exist_ok=True)
+    records = {"config.yaml": cfg, "hydra.yaml": hydra_cfg}
+    records["overrides.yaml"] = hydra_cfg.hydra.overrides.task
+    for name, node in records.items():
+        (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, then sample with the final (EMA) weights and score the samples."""
-    check_config(cfg)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    datamodule, metrics = build_datamodule(cfg)
-    SampleEvaluator.prepare(metrics)  # e.g. train the digits classifier, before the seed is set
-    L.seed_everything(cfg.seed, workers=True)
-    with naming_offline_line():  # a missing or corrupt data set stops the run here, before training
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-    method = build_method(cfg, metrics)
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
-    if ckpt_path is not None:
-        load_checkpoint(ckpt_path, method)  # safe to load, and fits this run's model
-    trainer = build_trainer(cfg)
-    if trainer.is_global_zero:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    with naming_last_checkpoint(run_dir):
+    with interrupted_before_training():
+        check_config(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        datamodule, metrics = build_datamodule(cfg)
+        SampleEvaluator.prepare(metrics)  # e.g. train the digits classifier, before the seed
+        L.seed_everything(cfg.seed, workers=True)
+        with naming_offline_line():  # a missing or corrupt data set stops the run here
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+        method = build_method(cfg, metrics)
+        ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
+        if ckpt_path is not None:
+            load_checkpoint(ckpt_path, method)  # safe to load, and fits this run's model
+        trainer = build_trainer(cfg)
+        if trainer.is_global_zero:
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            write_hydra_record(cfg, run_dir)
+    with naming_last_checkpoint(run_dir, trainer):
         trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    if trainer.interrupted or not trainer.is_global_zero:
+        if trainer.interrupted:  # Lightning returned instead of exiting
+            raise KeyboardInterrupt
+    if not trainer.is_global_zero:
         return None
     results = final_evaluation(method, datamodule, cfg.final_samples, run_dir)
     log.info("final metrics: %s", json.dumps(results))
@@ -171,24 +375,122 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def final_evaluation(method, datamodule, num_samples: int, run_dir: Path) -> dict[str, float]:
-    """Draw ``num_samples`` with the trained weights; save them and their scores."""
+    """Draw ``num_samples`` with the trained weights; save them and their scores.
+
+    NaN or infinite samples are neither saved nor scored (FID's eigenvalue solver crashes on
+    them): one line says so. Ctrl-C here ends with the command that samples (or scores) again.
+    """
     if num_samples <= 0:
         return {}
-    samples, nfe = method.generate(num_samples)
+    sample_again = (
+        f"sample with python -m diffusion_lab.sample {shlex.quote(str(run_dir))} "
+        f"--num-samples {num_samples} --evaluate"
+    )
+    with final_stage(run_dir, "sampling", sample_again):
+        log.info("final sampling: %d samples with the final weights", num_samples)
+        samples, nfe = method.generate(num_samples)
+        check_samples_finite(
+            samples,
+            f"final samples (step {method.global_step})",
+            "the weights have diverged though the loss stayed finite, or the sampler is "
+            "unstable: lower the learning rate (optimizer.lr) and train again, or draw samples "
+            f"with another sampler (python -m diffusion_lab.sample {run_dir} sampler=NAME)",
+        )
     torch.save(samples.cpu(), run_dir / "samples.pt")
     save_samples_picture(samples[:256], run_dir / "samples.png")
     results = {"nfe": float(nfe), "num_samples": float(num_samples)}
-    results = {**method.sample_metrics(samples, datamodule), **results}
+    score_again = f"score them with python -m diffusion_lab.evaluate {shlex.quote(str(run_dir))}"
+    with final_stage(run_dir, "scoring", f"samples.pt is saved: {score_again}"):
+        results = {**method.sample_metrics(samples, datamodule), **results}
     (run_dir / "final_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+@dataclass
+class SweepJob:
+    """A job of a ``-m`` sweep run in this process: its number, overrides, folder and, when it
+    failed, the one-line reason."""
+
+    num: int
+    overrides: list[str]
+    folder: str
+    failure: str | None = None
+
+
+#: The jobs of this process's sweep (Hydra's basic launcher runs them one after the other here).
+SWEEP_JOBS: list[SweepJob] = []
+
+
+def is_sweep_job() -> bool:
+    """Whether the running Hydra job is one of a ``-m`` sweep."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_sweep_job(cfg: DictConfig) -> float | None:
+    """Run one job of a sweep; a failure is logged and kept for :func:`end_sweep`, and the
+    sweep goes on to the next job. An interrupt (Ctrl-C) ends the whole sweep."""
+    hydra_cfg = HydraConfig.get()
+    job = SweepJob(hydra_cfg.job.num, run_overrides(), str(hydra_cfg.runtime.output_dir))
+    SWEEP_JOBS.append(job)
+    try:
+        return train(cfg)
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        stop = exc if isinstance(exc, RunInterrupted) else RunInterrupted("interrupted (Ctrl-C)")
+        job.failure = str(stop)
+        raise SweepInterrupted(stop) from None
+    except DiffusionLabError as exc:
+        job.failure = str(exc)
+    except Exception as exc:  # outside training (which names its own errors): a bug
+        error_log = Path(job.folder) / "error.log"
+        error_log.write_text(traceback.format_exc())
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        job.failure = f"stopped by {type(exc).__name__}: {reason} (traceback in {error_log})"
+    finally:
+        finish_wandb()
+    close_progress_bars()
+    log.error("sweep job %d failed (the sweep goes on): %s", job.num, job.failure)
+    return None
+
+
+def distinguishing_overrides(jobs: list[SweepJob]) -> list[list[str]]:
+    """Each job's overrides that not every job shares (all of them for a single job)."""
+    if len(jobs) < 2:
+        return [job.overrides for job in jobs]
+    shared = set.intersection(*(set(job.overrides) for job in jobs))
+    return [[o for o in job.overrides if o not in shared] or job.overrides for job in jobs]
+
+
+def end_sweep(interrupted: RunInterrupted | None = None) -> None:
+    """After a sweep: one line per failed job (number, overrides, folder, reason) and exit 2,
+    or 130 when it was interrupted; nothing when every job finished (or no sweep ran)."""
+    shown = dict(zip((id(job) for job in SWEEP_JOBS), distinguishing_overrides(SWEEP_JOBS)))
+    failed = [job for job in SWEEP_JOBS if job.failure is not None]
+    if interrupted is not None:
+        failed = failed[:-1]  # the interrupted job has its own line, the last
+    if not failed and interrupted is None:
+        return
+    lines = [
+        f"diffusion_lab: error: sweep job {job.num} ({' '.join(shown[id(job)])}) failed, "
+        f"folder {job.folder}: {job.failure}"
+        for job in failed
+    ]
+    if interrupted is not None:
+        lines.append(stop_line(RunInterrupted(f"sweep stopped: {interrupted}")))
+    print(f"sweep: {len(failed)} of {len(SWEEP_JOBS)} jobs run failed", flush=True)
+    print_last_lines(*lines)
+    sys.exit(interrupted.exit_code if interrupted is not None else 2)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Entry point; with -m, one call per multirun job."""
+    if is_sweep_job():
+        return run_sweep_job(cfg)
     with one_line_errors():
         try:
             return train(cfg)
+        except KeyboardInterrupt:  # after the final scores (the stages before name their own)
+            raise RunInterrupted("interrupted (Ctrl-C) after the final evaluation") from None
         finally:
             finish_wandb()
 
@@ -199,7 +501,19 @@ def finish_wandb() -> None:
         sys.modules["wandb"].finish()
 
 
-if __name__ == "__main__":
-    with one_line_errors():  # every job's config, before Hydra starts any
+def cli() -> None:
+    """``python -m diffusion_lab.run``: check every job's config before Hydra starts any, hold
+    back Hydra's record of a resumed run until its checkpoint is accepted, run, and end a sweep
+    with its failed jobs."""
+    with one_line_errors():
         check_overrides(sys.argv[1:], config_dir())
-    main()
+    sys.argv = defer_hydra_record(sys.argv)
+    try:
+        main()
+    except SweepInterrupted as stop:
+        end_sweep(stop.error)
+    end_sweep()
+
+
+if __name__ == "__main__":
+    cli()

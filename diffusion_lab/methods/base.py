@@ -11,6 +11,7 @@ from torch import nn
 from diffusion_lab.config_types import NonNegativeInt, Probability
 from diffusion_lab.methods.training import TrainingModule
 from diffusion_lab.metrics import image_quality
+from diffusion_lab.metrics.evaluator import check_samples_finite
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import SampleResult
 from diffusion_lab.score_model import ScoreModel
@@ -142,10 +143,18 @@ class DiffusionMethod(TrainingModule):
         averaged weights in, while at its end it has already swapped them out again (sampling
         there used the raw weights, PITFALLS: FID 8.06 against 3.21), and the sample-grid and
         curve callbacks, which read ``last_samples`` and the metrics at the epoch end, saw the
-        previous validation's."""
+        previous validation's. NaN or infinite samples stop the run before any metric
+        (``NonFiniteSamplesError``: FID's solver crashes on them), with the step."""
         if self.num_eval_samples == 0 or self.trainer.sanity_checking:
             return
         samples, nfe = self.generate(self.num_eval_samples)
+        check_samples_finite(
+            samples,
+            f"samples drawn at the validation of step {self.global_step}",
+            "the weights have diverged though the loss is finite, or the sampler is unstable: "
+            "lower the learning rate (optimizer.lr) or change the sampler, and resume from the "
+            "last good checkpoint with ckpt_path=last",
+        )
         self.last_samples, self.last_nfe = samples, nfe
         self.log("sample/nfe", float(nfe), rank_zero_only=True)
         for name, value in self.sample_metrics(samples).items():

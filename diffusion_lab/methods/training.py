@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 
 from diffusion_lab.errors import ConfigError, TrainingDivergedError
 
+log = logging.getLogger("diffusion_lab")
+
 
 class TrainingModule(L.LightningModule):
     """Base of the methods: a subclass sets ``self.model``, whose ``network`` is trained.
@@ -17,7 +20,8 @@ class TrainingModule(L.LightningModule):
     Data arrive in ``data_range`` (DataModules yield [0, 1] images) and are mapped affinely to
     ``model_range`` (DDPM trains on [-1, 1]); ``None`` for both leaves them as they are (2-D
     points). Optimiser: the given partial with a linear learning-rate warm-up over
-    ``warmup_steps``. Checkpoints keep the global RNG state, so that resuming is exact. Only
+    ``warmup_steps``; a resumed run trains at its own configured learning rate, not the
+    checkpoint's (:meth:`apply_configured_learning_rates`). Checkpoints keep the global RNG state, so that resuming is exact. Only
     primitives are saved as hyper-parameters (``run_config``), so checkpoints load with
     ``weights_only=True`` (DESIGN.md).
     """
@@ -40,6 +44,7 @@ class TrainingModule(L.LightningModule):
         self.data_range = tuple(data_range) if data_range is not None else None
         self.model_range = tuple(model_range) if model_range is not None else None
         self.warmup_steps = warmup_steps
+        self.configured_lrs: list[float] = []  # per param group, set by configure_optimizers
 
     def to_model_range(self, x: torch.Tensor) -> torch.Tensor:
         """Map data from ``data_range`` to ``model_range``."""
@@ -87,8 +92,40 @@ class TrainingModule(L.LightningModule):
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
+    def on_train_start(self) -> None:
+        """Lightning has restored the optimiser and scheduler of a resumed run by now."""
+        self.apply_configured_learning_rates()
+
+    def apply_configured_learning_rates(self) -> None:
+        """Give a resumed run the learning rate of its config: the restored optimiser and
+        scheduler state keep the checkpoint's (``initial_lr``, ``lr``, ``base_lrs``), so
+        ``optimizer.lr=1e-4`` after a divergence at 1e3 was ignored. Where a param group's base
+        rate differs from the configured one, the base rates take the configured value and the
+        current rate keeps its place in the schedule (the warm-up factor); Adam's moments are
+        kept. One info line says so; an unchanged rate changes nothing (exact resume)."""
+        changed = []
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            groups = scheduler.optimizer.param_groups
+            for k, (group, wanted) in enumerate(zip(groups, self.configured_lrs)):
+                base = group.get("initial_lr", group["lr"])
+                if base == wanted:
+                    continue
+                group["lr"] = group["lr"] * wanted / base if base else wanted
+                group["initial_lr"] = scheduler.base_lrs[k] = wanted
+                changed.append((k, base, wanted))
+            if changed:
+                scheduler._last_lr = [group["lr"] for group in groups]
+        if changed and self.trainer.is_global_zero:
+            log.info(
+                "learning rate from this run's config, not the checkpoint's: %s (Adam's moments "
+                "kept)",
+                ", ".join(f"param group {k}: {new:g} (was {old:g})" for k, old, new in changed),
+            )
+
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(self.model.network.parameters())
+        self.configured_lrs = [group["lr"] for group in optimizer.param_groups]
         warmup = self.warmup_steps
 
         def warmup_factor(_: int) -> float:

@@ -7,7 +7,9 @@ Metric names (chosen per data set by ``data.metrics``):
 and the paired ``ssim`` / ``global_ssim`` (the FP paper's, eq. 26-29) / ``psnr`` / ``mse``, each
 sample against the reference image nearest to it in MSE (single- and few-image data: a denoised
 or generated image against the training image it reproduces).
-The number of samples and of reference images is always reported with the scores.
+The number of samples and of reference images is always reported with the scores. Samples with
+a NaN or an infinite value are never scored (:func:`check_samples_finite`): FID's eigenvalue solver
+crashes the process on them (torch 2.13, CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffusion_lab.errors import ConfigError, DiffusionLabError
+from diffusion_lab.errors import ConfigError, DiffusionLabError, TrainingDivergedError
 from diffusion_lab.metrics import coverage, fid, image_quality
 from diffusion_lab.metrics.sliced_wasserstein import sliced_wasserstein
 
@@ -26,6 +28,23 @@ METRICS = (
     "ssim", "global_ssim", "psnr", "mse",
 )  # fmt: skip
 PAIRED = ("ssim", "global_ssim", "psnr", "mse")
+
+
+class NonFiniteSamplesError(TrainingDivergedError):
+    """Samples with NaN or infinite values: no metric can score them (diverged weights, or an
+    unstable sampler)."""
+
+
+def check_samples_finite(samples: torch.Tensor, what: str, advice: str) -> None:
+    """Stop with :class:`NonFiniteSamplesError` when any of ``samples`` holds a NaN or an
+    infinite value; the message counts them, names ``what`` they are and gives ``advice``."""
+    finite = torch.isfinite(samples.detach().reshape(len(samples), -1)).all(dim=1)
+    bad = int((~finite).sum())
+    if bad:
+        raise NonFiniteSamplesError(
+            f"{bad} of {len(finite)} {what} are NaN or infinite, so no metric was computed: "
+            f"{advice}"
+        )
 
 
 class SampleEvaluator:
@@ -50,6 +69,9 @@ class SampleEvaluator:
 
     def __call__(self, samples: torch.Tensor, datamodule) -> dict[str, float]:
         samples = samples.detach().float().cpu()
+        check_samples_finite(
+            samples, "samples", "draw them again (python -m diffusion_lab.sample RUN_DIR)"
+        )
         paired = any(m in self.metrics for m in PAIRED)
         count = len(samples) if paired else self.num_reference
         reference = datamodule.reference_samples(count).float().cpu()

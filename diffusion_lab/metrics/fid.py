@@ -129,6 +129,9 @@ def _feed(metric: nn.Module, name: str, fake: torch.Tensor, real: torch.Tensor, 
     """Update ``metric`` with both sets, in batches, on the metric's device."""
     if fake.ndim != 4 or real.ndim != 4:
         raise ValueError("fake and real must be image batches of shape (N, C, H, W)")
+    for images, which in ((fake, "fake"), (real, "real")):
+        if not torch.isfinite(images).all():  # the eigenvalue solver would crash the process
+            raise ValueError(f"the {which} images hold NaN or infinite values: no FID/KID of them")
     device = metric.device
     for images, is_real in ((real, True), (fake, False)):
         for chunk in images.split(batch):
