@@ -111,7 +111,7 @@ class ScoreModel(nn.Module):
     def _output_and_sigma(
         self, x: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = batch_time(t, x.shape[0], x.device)
+        t = batch_time(t, x)
         sigma = append_dims(self.process.std(t), x.ndim).to(x.dtype)
         label = self.label(t)
         label = label.to(x.dtype) if label.is_floating_point() else label
@@ -158,7 +158,7 @@ class ScoreModel(nn.Module):
         """Estimated clean image E[x_0 | x_t = x] (for score and energy outputs, Tweedie's
         formula ``process.denoise``, which needs a process with an invertible mean)."""
         if self.kind.x0 is None:
-            return self.process.denoise(x, batch_time(t, x.shape[0], x.device), self.score(x, t))
+            return self.process.denoise(x, batch_time(t, x), self.score(x, t))
         out, sigma, _ = self._output_and_sigma(x, t)
         return self.kind.x0(out, x, sigma)
 
@@ -167,7 +167,7 @@ class ScoreModel(nn.Module):
         if self.kind.eps is not None:
             out, sigma, _ = self._output_and_sigma(x, t)
             return self.kind.eps(out, x, sigma)
-        sigma = append_dims(self.process.std(batch_time(t, x.shape[0], x.device)), x.ndim)
+        sigma = append_dims(self.process.std(batch_time(t, x)), x.ndim)
         return -sigma.to(x.dtype) * self.score(x, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,14 @@ def append_dims(value: torch.Tensor | float, ndim: int) -> torch.Tensor:
     return value.reshape(value.shape + (1,) * (ndim - value.ndim))
 
 
-def batch_time(
-    t: torch.Tensor | float,
-    batch_size: int,
-    device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """A time (scalar or (B,)) as a float tensor of shape (B,) on ``device``."""
-    t = torch.as_tensor(t, dtype=dtype, device=device)
-    return t.expand(batch_size).clone() if t.ndim == 0 else t
+def time_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype times and schedule coefficients are computed in for data like ``like``: its
+    own, promoted to at least float32 (a bfloat16 time cannot tell DDPM's 1000 levels apart)."""
+    return torch.promote_types(like.dtype, torch.float32)
+
+
+def batch_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A time (scalar or (B,)) as a tensor of shape (B,) for the batch ``like``: on its device,
+    in :func:`time_dtype` of it (float32 for float32 and bfloat16 data, float64 for float64)."""
+    t = torch.as_tensor(t, dtype=time_dtype(like), device=like.device)
+    return t.expand(like.shape[0]).clone() if t.ndim == 0 else t

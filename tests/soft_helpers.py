@@ -70,7 +70,9 @@ class DenseBlurProcess(LinearCorruption):
     (N(C_1 mu, C_1 Sigma C_1^T + sigma_1^2 I)), else C_1 0 + sigma_1 z.
     """
 
-    provides = frozenset({"noisy_at_zero"})  # sigma(0) = sigma_min > 0, as the soft process
+    provides = frozenset(
+        {"linear_mean", "noisy_at_zero"}
+    )  # sigma(0) = sigma_min > 0, as the soft process
 
     def __init__(
         self,

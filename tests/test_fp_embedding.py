@@ -139,7 +139,7 @@ def test_dsm_call_is_the_mean_of_its_per_example_terms():
     torch.manual_seed(5)
     value = DenoisingScoreMatching(time_sampling="uniform")(model, x0)
     torch.manual_seed(5)
-    t = 1e-5 + (1 - 1e-5) * torch.rand(8)
+    t = (1e-5 + (1 - 1e-5) * torch.rand(8)).to(x0.dtype)  # drawn in float32, as sample_times
     z = torch.randn_like(x0)
     assert value.item() == pytest.approx(
         DenoisingScoreMatching.variance_weighted(model, x0, t, z).mean().item(), rel=1e-12

@@ -6,14 +6,14 @@ import torch
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
+from diffusion_lab.utils import time_dtype
 
 TIME_SAMPLING = ("levels", "uniform", "fixed")
 
 
 def sample_times(
     process: ForwardProcess,
-    batch_size: int,
-    device: torch.device,
+    like: torch.Tensor,
     time_sampling: str = "levels",
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
@@ -25,18 +25,25 @@ def sample_times(
     sigma_i ~ U{sigma_1..sigma_L}); ``"uniform"``: t ~ U(eps, 1) (Score SDE, Khungurn eq. 9).
     eps is a real hyper-parameter (PITFALLS: t ~ U(eps, 1) against the discretised schedule).
     ``"fixed"``: every example at ``fixed_time`` (score matching at one noise level).
+
+    One time per example of the batch ``like``, on its device, drawn in float32 (the same
+    draws for any data dtype) and returned in ``time_dtype(like)``, the dtype the model and
+    the process compute the schedule in, so that loss and model see the same sigma(t).
     """
+    batch_size, device = like.shape[0], like.device
     if time_sampling == "levels":
         levels = process.level_times().to(device)
         index = torch.randint(len(levels), (batch_size,), device=device, generator=generator)
-        return levels[index]
-    if time_sampling == "uniform":
+        t = levels[index]
+    elif time_sampling == "uniform":
         if not 0 <= eps < 1:
             raise ConfigError(f"loss.eps must lie in [0, 1), got {eps}")
         u = torch.rand(batch_size, device=device, generator=generator)
-        return eps + (1 - eps) * u
-    check_time_sampling(time_sampling, fixed_time)
-    return torch.full((batch_size,), float(fixed_time), device=device)
+        t = eps + (1 - eps) * u
+    else:
+        check_time_sampling(time_sampling, fixed_time)
+        t = torch.full((batch_size,), float(fixed_time), device=device)
+    return t.to(time_dtype(like))
 
 
 def check_time_sampling(time_sampling: str, fixed_time: float | None = None) -> None:

@@ -39,9 +39,7 @@ class DenoisingScoreMatching:
 
     def __call__(self, model: ScoreModel, x0: torch.Tensor) -> torch.Tensor:
         process = model.process
-        t = sample_times(
-            process, x0.shape[0], x0.device, self.time_sampling, self.eps, None, self.fixed_time
-        )
+        t = sample_times(process, x0, self.time_sampling, self.eps, None, self.fixed_time)
         noise = torch.randn_like(x0)
         if self.weighting == "variance":
             return self.variance_weighted(model, x0, t, noise).mean()

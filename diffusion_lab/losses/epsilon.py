@@ -20,7 +20,7 @@ class EpsilonLoss:
         self.eps = eps
 
     def __call__(self, model: ScoreModel, x0: torch.Tensor) -> torch.Tensor:
-        t = sample_times(model.process, x0.shape[0], x0.device, self.time_sampling, self.eps)
+        t = sample_times(model.process, x0, self.time_sampling, self.eps)
         noise = torch.randn_like(x0)
         xt = model.process.sample_marginal(x0, t, noise)
         return (model.eps(xt, t) - noise).pow(2).mean()

@@ -85,7 +85,7 @@ class ScoreMatchingObjective(abc.ABC):
         with torch.inference_mode(False), torch.enable_grad():
             x0 = x0.detach().clone()
             t = sample_times(
-                process, x0.shape[0], x0.device, self.time_sampling, self.eps, None,
+                process, x0, self.time_sampling, self.eps, None,
                 self.fixed_time,
             )  # fmt: skip
             x = process.sample_marginal(x0, t, torch.randn_like(x0)) if self.perturb else x0

@@ -85,7 +85,7 @@ class SoftScoreMatching:
         return error.pow(2).flatten(1).sum(1)
 
     def __call__(self, model: ScoreModel, x0: torch.Tensor) -> torch.Tensor:
-        t = sample_times(model.process, x0.shape[0], x0.device, self.time_sampling, self.eps)
+        t = sample_times(model.process, x0, self.time_sampling, self.eps)
         noise = torch.randn_like(x0)
         return 0.5 * self.per_example(model, x0, t, noise).mean()
 

@@ -35,7 +35,7 @@ class TimeDependentClassifier(nn.Module):
         self.process = process
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        t = batch_time(t, x.shape[0], x.device)
+        t = batch_time(t, x)
         return self.network(x, self.process.noise_label(t).to(x.dtype))
 
 

@@ -76,7 +76,7 @@ def velocity_and_divergence(
     flow = process.reverse(score, probability_flow=True)
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
-        v = flow.sde(x, batch_time(t, x.shape[0], x.device, x.dtype))[0]
+        v = flow.sde(x, batch_time(t, x))[0]
         div = exact_trace(v, x) if probe is None else hutchinson_trace(v, x, probe)
     return v.detach(), div.detach()
 
@@ -133,7 +133,7 @@ def unnormalized_log_density(model: ScoreModel, x: torch.Tensor, t: float = 1e-5
     """log p_t(x) + log Z(t) = -E_theta(x, t) per example, for an energy parameterization
     (Khungurn sec. 2): exact up to the unknown log-partition, with no ODE solve. The normalised
     value is :func:`log_likelihood`'s (the difference is the same for every x, tested)."""
-    return -model.energy(x, batch_time(t, x.shape[0], x.device, x.dtype))
+    return -model.energy(x, batch_time(t, x))
 
 
 def uniform_dequantize(

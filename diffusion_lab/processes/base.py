@@ -24,6 +24,8 @@ from diffusion_lab.utils import append_dims
 #: What a process can offer a sampler, and how a refusal explains it.
 CAPABILITIES = {
     "gaussian_sde": "is a linear SDE with Gaussian marginals alpha(t) x0 + sigma(t) z (VE, VP, sub-VP)",
+    "sde": "has a forward SDE dx = f dt + g dW whose reverse SDE and probability flow a learned score drives (VE, VP, sub-VP, FP embedding)",
+    "linear_mean": "has a mean linear in any x0, alpha(t) x0 or C_t x0 (the SDEs, the soft processes)",
     "unit_mean": "keeps the mean at x0 (alpha(t) = 1: a VE process)",
     "noisy_at_zero": "keeps noise at t = 0 (sigma(0) > 0: VE, the soft processes)",
 }

@@ -32,6 +32,8 @@ from diffusion_lab.processes.sde import SDE
 class LinearCorruption(ForwardProcess):
     """x_t = C_t x_0 + sigma_t z; subclasses give ``operator(t)`` (C_t for a batch of times)."""
 
+    provides = frozenset({"linear_mean"})
+
     @abc.abstractmethod
     def operator(self, t: torch.Tensor) -> LinearOperator:
         """C_t for per-example times t (shape (B,)); its ``apply`` keeps the shape of x."""
@@ -102,8 +104,8 @@ class SoftCorruption(LinearCorruption):
     The network is conditioned on t (``native_conditioning = "time"``): sigma is constant over
     the corruption stage, so it cannot tell the levels apart (PITFALLS). ``level_times()``: the
     N = ``num_steps`` times k / N, k = 1..N, in (0, 1] (1/N is the cleanest level; samplers
-    append t = 0). ``provides`` is ``noisy_at_zero`` only: these are not SDEs with Gaussian
-    marginals alpha(t) x0 + sigma(t) z, so SDE samplers (DDIM, PC, ancestral, ...) are refused
+    append t = 0). ``provides`` is ``linear_mean`` and ``noisy_at_zero`` only: these are not
+    SDEs with Gaussian marginals alpha(t) x0 + sigma(t) z, so SDE samplers (DDIM, PC, ancestral, ...) are refused
     when the run is built (``samplers.base.check_sampler``), while annealed Langevin, which needs
     only the score of each level and noise at the last one, runs.
 
@@ -124,7 +126,7 @@ class SoftCorruption(LinearCorruption):
     """
 
     native_conditioning = "time"
-    provides = frozenset({"noisy_at_zero"})
+    provides = LinearCorruption.provides | {"noisy_at_zero"}
 
     def __init__(
         self,

@@ -10,7 +10,8 @@ lambda(t) = sigma(t) of the base SDE (the paper leaves lambda open; the base's s
 table is interpolated linearly.
 
 Reverse time uses the base SDE's drift and diffusion with the learned score (eq. 4; the paper
-samples with the probability-flow ODE), so every sampler that needs a Gaussian SDE serves it.
+samples with the probability-flow ODE): the process provides ``sde``, which the probability-flow
+and predictor-corrector samplers need, and not ``gaussian_sde``, since its mean is not alpha(t) x0.
 
 Several images: each has its own table. ``separate_intervals`` gives image k its own time
 interval, as the paper does for CelebA generation (sec. 4.4): the network's time label is k + t
@@ -88,7 +89,10 @@ class FPEmbeddingProcess(SDE):
         if not hi > lo:
             raise ConfigError(f"process.value_range must be increasing, got {value_range}")
         self.base = base
-        self.provides = base.provides & {"gaussian_sde"}
+        # Not gaussian_sde: the mean is the table x^n(x0), not alpha(t) x0, so the samplers
+        # whose clean-image estimate inverts alpha(t) (DDIM, DPM-Solver++, EDM, ancestral) do
+        # not apply; the reverse SDE and the probability flow (eq. 4) do.
+        self.provides = frozenset({"sde"})
         self.embedding = embedding
         self.solver_options = {
             "tol": tol,

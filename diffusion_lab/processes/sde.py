@@ -23,14 +23,16 @@ import torch
 from diffusion_lab import schedules
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
-from diffusion_lab.utils import append_dims
+from diffusion_lab.utils import append_dims, time_dtype
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRIORS = ("gaussian", "uniform")
 
 
 def _interpolate(table: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Piecewise-linear interpolation of ``table`` at fractional indices; also its slope."""
+    """Piecewise-linear interpolation of ``table`` at fractional indices; also its slope (in
+    ``time_dtype`` of the position: bfloat16 cannot hold indices up to N)."""
+    position = position.to(time_dtype(position))
     table = table.to(position)
     last = table.numel() - 1
     position = position.clamp(0, last)
@@ -48,6 +50,7 @@ def _hermite_interpolate(
     Passes through every table entry; the slopes at the knots are central differences (one-sided
     at the ends), so the derivative is continuous: an ODE solver sees no jumps.
     """
+    position = position.to(time_dtype(position))
     table = table.to(position)
     last = table.numel() - 1
     knot_slopes = torch.empty_like(table)
@@ -74,7 +77,7 @@ class SDE(ForwardProcess):
     the discrete level grid and the network's noise label; the rest is shared.
     """
 
-    provides = frozenset({"gaussian_sde"})
+    provides = frozenset({"gaussian_sde", "sde", "linear_mean"})
     #: Default variance of ``ancestral_step`` (DDPM's transition variance for VP; SMLD's posterior).
     ancestral_variance = "transition"
 

@@ -73,7 +73,7 @@ def _annealed_loop(
         sigma = sigmas[level]
         alpha = step_lr * sigma**2 / sigma_last**2
         project = constraint(sigma) if constraint is not None else None
-        t_b = batch_time(t, x.shape[0], x.device)
+        t_b = batch_time(t, x)
         for _ in range(n_steps_each):
             x, mean = langevin_step(x, score(x, t_b), alpha, gaussian_like(x, generator))
             x = project(x) if project is not None else x

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import CAPABILITIES, ForwardProcess
 from diffusion_lab.samplers.grids import continuous_grid, level_grid, sampling_times
-from diffusion_lab.utils import batch_time
+from diffusion_lab.utils import batch_time, time_dtype
 
 StepCallback = Callable[[dict], None]
 #: A model: ``model(x, t) -> score``, optionally with ``model.denoised(x, t) -> x0_hat``.
@@ -57,18 +57,13 @@ class CountingModel:
         self.process = process
         self.nfe = 0
 
-    @staticmethod
-    def _batch(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        return t.expand(x.shape[0]) if t.ndim == 0 else t
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
-        return self.model(x, self._batch(x, t))
+        return self.model(x, batch_time(t, x))
 
     def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """E[x_0 | x_t = x] from the model."""
-        t = self._batch(x, t)
+        t = batch_time(t, x)
         own = getattr(self.model, "denoised", None)
         if own is not None:
             self.nfe += 1
@@ -76,17 +71,62 @@ class CountingModel:
         return self.process.denoise(x, t, self(x, t))
 
 
+class ModelAtDtype:
+    """``model`` called with its inputs cast to ``dtype`` (the dtype the sampler was given), so
+    that the state may be kept in a wider dtype between evaluations; ``denoised`` only where
+    the model has one."""
+
+    def __init__(self, model: Model, dtype: torch.dtype) -> None:
+        self.model, self.dtype = model, dtype
+        if getattr(model, "denoised", None) is not None:
+            self.denoised = lambda x, t: model.denoised(x.to(dtype), t)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype), t)
+
+
+def keep_input_dtype(fn: Callable[..., SampleResult]) -> Callable[..., SampleResult]:
+    """Run ``fn`` so that the caller's dtype holds: a bfloat16 (or float64) initial state gives
+    bfloat16 (float64) samples and trajectory, and the model only ever sees that dtype. In
+    between, the state is kept in :func:`~diffusion_lab.utils.time_dtype` (float32 for
+    bfloat16), the schedule's precision: a bfloat16 state would lose every step smaller than
+    1/256 of itself (annealed Langevin's, DDPM's late ones) to rounding."""
+
+    @functools.wraps(fn)
+    def run(model: Model, process: ForwardProcess, x_or_shape, *args, **kwargs) -> SampleResult:
+        if not isinstance(x_or_shape, torch.Tensor):
+            return fn(model, process, x_or_shape, *args, **kwargs)
+        dtype = x_or_shape.dtype
+        state = x_or_shape.to(time_dtype(x_or_shape))
+        result = fn(ModelAtDtype(model, dtype), process, state, *args, **kwargs)
+        trajectory = [x.to(dtype) for x in result.trajectory]
+        return SampleResult(result.samples.to(dtype), result.nfe, trajectory)
+
+    return run
+
+
 def sampler(
-    requires: Iterable[str] = ("gaussian_sde",), time_grid: str = "levels"
+    requires: Iterable[str] = ("gaussian_sde",),
+    time_grid: str = "levels",
+    option_requires: Mapping[str, Mapping[object, Iterable[str]]] | None = None,
 ) -> Callable[[Callable[..., SampleResult]], Callable[..., SampleResult]]:
     """Mark a sampler with the process capabilities it needs and how it reads ``steps``
-    (``TIME_GRIDS``), for :func:`check_sampler`."""
-    unknown = set(requires) - set(CAPABILITIES)
+    (``TIME_GRIDS``), for :func:`check_sampler`; it keeps its input's dtype
+    (:func:`keep_input_dtype`). ``option_requires`` adds what one value of an option needs,
+    e.g. ``{"predictor": {"ancestral": ("gaussian_sde",)}}``."""
+    option_requires = {
+        option: {value: frozenset(needs) for value, needs in values.items()}
+        for option, values in (option_requires or {}).items()
+    }
+    named = set(requires).union(*(n for v in option_requires.values() for n in v.values()))
+    unknown = named - set(CAPABILITIES)
     if unknown or time_grid not in TIME_GRIDS:
         raise ValueError(f"unknown capabilities {sorted(unknown)} or time grid {time_grid!r}")
 
     def mark(fn: Callable[..., SampleResult]) -> Callable[..., SampleResult]:
+        fn = keep_input_dtype(fn)
         fn.requires = frozenset(requires)  # type: ignore[attr-defined]
+        fn.option_requires = option_requires  # type: ignore[attr-defined]
         fn.time_grid = time_grid  # type: ignore[attr-defined]
         return fn
 
@@ -94,19 +134,25 @@ def sampler(
 
 
 def check_sampler(sample: Callable[..., SampleResult], process: ForwardProcess) -> None:
-    """Stop with one line if ``sample`` (a sampler or a partial of one, as Hydra builds it)
-    cannot run on ``process``: a missing capability, or ``steps`` out of range."""
-    fn = sample.func if isinstance(sample, functools.partial) else sample
-    options = sample.keywords if isinstance(sample, functools.partial) else {}
+    """Stop with one line if ``sample`` (a sampler, or a partial of one as Hydra builds it,
+    nested or not) cannot run on ``process``: a missing capability, or ``steps`` out of range."""
+    fn, options = sample, {}
+    while isinstance(fn, functools.partial):  # partials of partials: the outer keywords win
+        fn, options = fn.func, {**fn.keywords, **options}
     name = getattr(fn, "__name__", repr(fn))
-    missing = sorted(getattr(fn, "requires", frozenset()) - process.provides)
+    defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+    options = {**defaults, **options}
+    requires = set(getattr(fn, "requires", frozenset()))
+    for option, values in getattr(fn, "option_requires", {}).items():
+        needs = values.get(options.get(option), frozenset())
+        requires |= needs
+        name = f"{name} with {option}={options.get(option)}" if needs else name
+    missing = sorted(requires - process.provides)
     if missing:
         raise ConfigError(
             f"sampler {name} needs a process that {CAPABILITIES[missing[0]]}; "
             f"{type(process).__name__} is not one: choose another sampler or process"
         )
-    defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
-    options = {**defaults, **options}
     steps = options["steps"]
     grid = getattr(fn, "time_grid", None)
     if grid == "adaptive" and steps is not None:
@@ -168,7 +214,7 @@ def final_denoise(
     """The clean-image estimate at the last time if it still carries noise (Tweedie's
     x + sigma^2 s(x, sigma), divided by alpha, for a score model; the model's own ``denoised``
     otherwise); skipping it costs about 5 FID points (PITFALLS, Sampling)."""
-    t_b = batch_time(t, x.shape[0], x.device)
+    t_b = batch_time(t, x)
     if not denoise or float(process.std(t_b).max()) == 0.0:
         return x
     return model.denoised(x, t_b)

@@ -49,8 +49,8 @@ def ddim(
     eps_hat = -sigma s, x0_hat = (x - sigma eps_hat) / alpha.
 
     The times are ``grids.sampling_times`` (``grid``: the process's levels by default, or
-    uniform, log-SNR, Karras), then t = 0; where t = 0 still carries noise (VE) the final
-    step is Tweedie's (``denoise``).
+    uniform, log-SNR, Karras), then t = 0; where t = 0 still carries noise (VE) the step there
+    keeps its noise (eta > 0) and the final step is Tweedie's (``denoise``).
     """
     if eta < 0:
         raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
@@ -59,10 +59,11 @@ def ddim(
     times = sampling_times(process, steps, grid, spacing, rho, t_min)
     if times[-1] > 0:
         times = torch.cat([times, torch.zeros(1)])
+    noisy = (process.std(times) > 0).tolist()
     trajectory = [] if return_trajectory else None
     for k, t, t_next in step_pairs(times, progress, "ddim"):
-        t_b = batch_time(t, x.shape[0], x.device)
-        t_prev = batch_time(t_next, x.shape[0], x.device)
+        t_b = batch_time(t, x)
+        t_prev = batch_time(t_next, x)
         s = score(x, t_b)
         sigma = process.std(t_b)
         alpha_prev, sigma_prev = process.marginal_coefficients(t_prev)
@@ -72,7 +73,7 @@ def ddim(
         s_eta = eta * posterior_std
         direction = (sigma_prev**2 - s_eta**2).clamp(min=0).sqrt()
         x = append_dims(alpha_prev, x.ndim) * x0_hat + append_dims(direction, x.ndim) * eps_hat
-        if eta > 0 and t_next > 0:
+        if eta > 0 and noisy[k + 1]:  # also into VE's noisy t = 0, where Tweedie follows
             x = x + append_dims(s_eta, x.ndim) * gaussian_like(x, generator)
         report(callback, trajectory, x=x, t=t_next, step=k, denoised=x0_hat)
     x = final_denoise(score, process, x, times[-1].item(), denoise)

@@ -78,7 +78,7 @@ def dpm_solver_pp(
     previous: tuple[torch.Tensor, float] | None = None  # (x0_{i-1}, h_{i-1})
     times_next = torch.cat([times, torch.zeros(1)])
     for i, t, _ in step_pairs(times_next, progress, "dpm_solver++"):
-        x0 = score.denoised(x, batch_time(t, x.shape[0], x.device))
+        x0 = score.denoised(x, batch_time(t, x))
         if i == len(times) - 1:  # the last step, to sigma = 0: x = x0 (h = infinity)
             x = x0
             report(callback, trajectory, x=x, t=0.0, step=i, denoised=x0)

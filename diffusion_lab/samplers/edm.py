@@ -43,7 +43,7 @@ def _derivative(
     score: CountingModel, process: SDE, x: torch.Tensor, t: float, ratio: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dx~/dr = (x~ - D) / r at x~ (Karras et al. eq. 3) and D, from one evaluation at time t."""
-    t_b = batch_time(t, x.shape[0], x.device)
+    t_b = batch_time(t, x)
     alpha = float(process.marginal_coefficients(t_b[:1])[0])
     denoised = score.denoised(alpha * x, t_b)
     return (x - denoised) / ratio, denoised

@@ -52,18 +52,28 @@ def level_grid(
     steps = n if steps is None else steps
     if not 1 <= steps <= n:
         raise ConfigError(f"sampler steps must lie in [1, {n}] for this process, got {steps}")
-    if spacing == "trailing":
-        index = torch.round(torch.arange(n, 0, -n / steps)).long() - 1
+    if spacing == "trailing":  # round(n - i n / steps) - 1, i = 0 .. steps - 1
+        index = [rounded_ratio(n * (steps - i), steps) - 1 for i in range(steps)]
     elif spacing == "leading":
-        index = (torch.arange(steps) * (n // steps)).flip(0)
-    elif spacing == "linspace":
-        index = torch.linspace(n - 1, 0, steps).round().long()
+        index = [i * (n // steps) for i in reversed(range(steps))]
+    elif spacing == "linspace":  # round((n - 1)(1 - i / (steps - 1))), i = 0 .. steps - 1
+        last = max(steps - 1, 1)
+        index = [rounded_ratio((n - 1) * (last - i), last) for i in range(steps)]
     else:
         raise ConfigError(f"unknown time-step spacing {spacing!r}: use one of {SPACINGS}")
-    times = levels[index.unique().flip(0)]
+    times = levels[torch.tensor(index)]
     if times[-1] > 0:
         times = torch.cat([times, torch.zeros(1)])
     return times
+
+
+def rounded_ratio(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded to the nearest integer, halves to even (as
+    ``torch.round``), in exact integer arithmetic: no float step decides an index."""
+    quotient, remainder = divmod(numerator, denominator)
+    if 2 * remainder > denominator or (2 * remainder == denominator and quotient % 2):
+        quotient += 1
+    return quotient
 
 
 def continuous_grid(steps: int, eps: float) -> torch.Tensor:
@@ -134,5 +144,6 @@ def sampling_times(
     else:
         ratios = (r_max ** (1 / rho) + ramp * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho
     times = time_of_ratio(process, ratios)
-    times[0], times[-1] = 1.0, t_min
+    times[-1] = t_min  # the ends exactly, not to the bisection's tolerance; one step: t = 1
+    times[0] = 1.0
     return times.float()

@@ -30,7 +30,7 @@ def replace_known(
 ) -> torch.Tensor:
     """x with its known entries (``mask`` true) replaced by a draw of x(t) | x(0) = observed,
     alpha(t) y + sigma(t) z: the sample of p_t(Omega(x(t)) | Omega(x(0)) = y) of sec. 7.4.2."""
-    t_b = batch_time(t, x.shape[0], x.device)
+    t_b = batch_time(t, x)
     perturbed = process.sample_marginal(observed, t_b, gaussian_like(observed, generator))
     return torch.where(mask, perturbed, x)
 

@@ -45,7 +45,7 @@ class LinearMeasurement:
         """The step x <- x + gamma grad_x log p(hat y(t) | x), taken implicitly (see
         :func:`solve_linear_inverse_problem`): x + gamma A^T (gamma A A^T + alpha^2 nu^2 I)^{-1}
         (hat y(t) - A x), with hat y(t) = alpha y + sigma A z a draw of p(y(t) | y)."""
-        t_b = batch_time(t, x.shape[0], x.device)
+        t_b = batch_time(t, x)
         alpha, sigma = process.marginal_coefficients(t_b)
         _, step_std = process.transition_coefficients((t_b - dt).clamp(min=0), t_b)
         a = self.operator

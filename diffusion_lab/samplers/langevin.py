@@ -36,7 +36,7 @@ def langevin_corrector(
     1 for VE: generically the squared one-level transition coefficient a^2 of the process. The
     target signal-to-noise ratio needs tuning (PITFALLS: typically 0.05-0.2).
     """
-    t_b = batch_time(t, x.shape[0], x.device)
+    t_b = batch_time(t, x)
     a, _ = process.transition_coefficients((t_b - 1.0 / process.num_steps).clamp(min=0), t_b)
     mean = x
     for _ in range(n_steps):

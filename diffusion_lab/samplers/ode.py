@@ -70,12 +70,12 @@ def solve_probability_flow(
     flow = process.reverse(score, probability_flow=True)
 
     def velocity(t: float, state: torch.Tensor) -> torch.Tensor:
-        return flow.sde(state, batch_time(t, state.shape[0], state.device, state.dtype))[0]
+        return flow.sde(state, batch_time(t, state))[0]
 
     return integrate(velocity, x, t_start, t_end, rtol, atol, method)
 
 
-@sampler(time_grid="adaptive")
+@sampler(requires=("sde",), time_grid="adaptive")
 @torch.no_grad()
 def probability_flow(
     model: Model,

@@ -39,22 +39,22 @@ Predictor = Callable[
 def euler_maruyama_predictor(score, process, x, t, t_next, generator):
     """x <- x - [f - g^2 s] dt + g sqrt(dt) z, with dt = t - t_next > 0."""
     dt = t - t_next
-    drift, g = process.reverse(score).sde(x, batch_time(t, x.shape[0], x.device))
+    drift, g = process.reverse(score).sde(x, batch_time(t, x))
     mean = x - drift * dt
     return mean + append_dims(g, x.ndim) * dt**0.5 * gaussian_like(x, generator), mean
 
 
 def reverse_diffusion_predictor(score, process, x, t, t_next, generator):
     """x <- x - f_i + G_i^2 s + G_i z (Khungurn eq. 13) with the exact forward step (f_i, G_i)."""
-    f, big_g = process.reverse(score).discretize(x, batch_time(t, x.shape[0], x.device), t - t_next)
+    f, big_g = process.reverse(score).discretize(x, batch_time(t, x), t - t_next)
     mean = x - f
     return mean + append_dims(big_g, x.ndim) * gaussian_like(x, generator), mean
 
 
 def ancestral_predictor(score, process, x, t, t_next, generator):
     """The ancestral step of ``process`` from t to t_next (DDPM's for VP, SMLD's for VE)."""
-    t_b = batch_time(t, x.shape[0], x.device)
-    t_prev = batch_time(t_next, x.shape[0], x.device)
+    t_b = batch_time(t, x)
+    t_prev = batch_time(t_next, x)
     mean, std = process.ancestral_step(x, t_b, t_prev, score(x, t_b))
     return mean + append_dims(std, x.ndim) * gaussian_like(x, generator), mean
 
@@ -73,7 +73,11 @@ PREDICTORS: dict[str, Predictor] = {
 CORRECTORS = ("langevin", "none")
 
 
-@sampler(time_grid="continuous")
+@sampler(
+    requires=("sde",),
+    time_grid="continuous",
+    option_requires={"predictor": {"ancestral": ("gaussian_sde",)}},
+)
 @torch.no_grad()
 def predictor_corrector(
     model: Model,
@@ -122,7 +126,7 @@ def predictor_corrector(
     return SampleResult(finalize(x) if finalize else x, score.nfe, trajectory or [])
 
 
-@sampler(time_grid="continuous")
+@sampler(requires=("sde",), time_grid="continuous")
 def euler_maruyama(model: Model, process: SDE, x_or_shape, steps: int = 1000, **options):
     """Euler-Maruyama on the reverse SDE, no corrector."""
     return predictor_corrector(
@@ -136,7 +140,7 @@ def euler_maruyama(model: Model, process: SDE, x_or_shape, steps: int = 1000, **
     )
 
 
-@sampler(time_grid="continuous")
+@sampler(requires=("sde",), time_grid="continuous")
 def reverse_diffusion(model: Model, process: SDE, x_or_shape, steps: int = 1000, **options):
     """The reverse-diffusion predictor (Khungurn eq. 13), no corrector."""
     return predictor_corrector(

@@ -72,11 +72,12 @@ Which existing samplers run on a soft (non-SDE) process: annealed Langevin (NCSN
 which needs only the score of each level (eq. 8 from the model's x0_hat) and noise at its last
 level (``noisy_at_zero``: sigma_0 = 0.01), with the model's own x0_hat as its final step. DDIM,
 ancestral, predictor-corrector (reverse diffusion, Euler-Maruyama, Langevin corrector) and the
-probability-flow ODE require ``gaussian_sde`` (they call ``process.sde`` / ``discretize`` /
-``ancestral_step`` / ``denoise``, which assume an invertible scalar mean); ``check_sampler``
+probability-flow ODE require ``gaussian_sde`` or ``sde`` (they call ``process.sde`` /
+``discretize`` / ``ancestral_step`` / ``denoise``, which assume an invertible scalar mean); ``check_sampler``
 refuses each of them on a ``LinearCorruption`` with one line at build time
 (tests/test_soft_samplers.py). The three samplers here run on the soft process
-and on the SDEs alike (``requires=()``); on VE they are VE samplers (the C_t = I tests).
+and on the SDEs alike (``linear_mean``: C_(t-dt) x0_hat must exist for any x0_hat, which the FP
+embedding's per-image table does not give); on VE they are VE samplers (the C_t = I tests).
 """
 
 from __future__ import annotations
@@ -198,17 +199,17 @@ def _soft_loop(
     times = soft_grid(process, steps, spacing)
     trajectory = [] if return_trajectory else None
     for k, t, t_next in step_pairs(times, progress, name):
-        t_b = batch_time(t, x.shape[0], x.device, x.dtype)
-        t_prev = batch_time(t_next, x.shape[0], x.device, x.dtype)
+        t_b = batch_time(t, x)
+        t_prev = batch_time(t_next, x)
         x0_hat = net.denoised(x, t_b)
         x = step(process, x, t_b, t_prev, x0_hat, generator)
         report(callback, trajectory, x=x, t=t_next, step=k, denoised=x0_hat)
     if denoise:
-        x = net.denoised(x, batch_time(float(times[-1]), x.shape[0], x.device, x.dtype))
+        x = net.denoised(x, batch_time(float(times[-1]), x))
     return SampleResult(x, net.nfe, trajectory or [])
 
 
-@sampler(requires=(), time_grid="levels")
+@sampler(requires=("linear_mean",), time_grid="levels")
 @torch.no_grad()
 def soft_naive(
     model: Model,
@@ -235,7 +236,7 @@ def soft_naive(
     )  # fmt: skip
 
 
-@sampler(requires=(), time_grid="levels")
+@sampler(requires=("linear_mean",), time_grid="levels")
 @torch.no_grad()
 def soft_momentum(
     model: Model,
@@ -260,7 +261,7 @@ def soft_momentum(
     )  # fmt: skip
 
 
-@sampler(requires=(), time_grid="levels")
+@sampler(requires=("linear_mean",), time_grid="levels")
 @torch.no_grad()
 def soft_pf_momentum(
     model: Model,
