@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import checkpoint_step, wait_for
 
 TINY = [
     "trainer=debug",
@@ -64,12 +64,10 @@ def test_resume_after_kill_matches_uninterrupted(uninterrupted, tmp_path):
                f"hydra.run.dir={tmp_path}"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
+    wait_for(lambda: checkpoint_step(ckpt), "the first epoch-end checkpoint", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = torch.load(ckpt, weights_only=True)["global_step"]
+    killed_at = checkpoint_step(ckpt)
     assert 0 < killed_at < 69
     result = run(tmp_path, *TINY, "trainer.max_steps=69", "ckpt_path=last")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,13 +162,13 @@ def test_a_dead_ddp_rank_is_named_by_the_survivor(tmp_path):
                f"hydra.run.dir={tmp_path}"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, env=os.environ.copy())  # fmt: skip
-    deadline = time.time() + 300
-    registry = tmp_path / "ranks"
-    while time.time() < deadline and process.poll() is None:
+    ckpt, registry = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "ranks"
+
+    def rank_1_training() -> list[Path]:
         ranks = list(registry.glob("*/1.pid"))
-        if ranks and (tmp_path / "checkpoints" / "last.ckpt").is_file():
-            break
-        time.sleep(0.1)
+        return ranks if ranks and ckpt.is_file() else []
+
+    ranks = wait_for(rank_1_training, "rank 1's pid file and a checkpoint", process, poll=0.1)
     pid = int(ranks[0].read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     _, stderr = process.communicate(timeout=300)
