@@ -184,3 +184,29 @@ def test_samples_keep_the_input_dtype_and_the_model_sees_no_other(sampler, proce
     assert model.x_dtypes == {dtype}
     assert model.t_dtypes == {time_dtype(x)}
     assert bool(torch.isfinite(result.samples).all())
+
+
+@pytest.mark.parametrize("sampler, options", [("ancestral", {}), ("ddim", {"eta": 1.0})])
+def test_the_last_transition_into_ve_noisy_t0_keeps_its_noise(sampler, options):
+    """Found by reading: the VE ancestral and DDIM (eta > 0) steps dropped the noise of their
+    last transition although Tweedie's step follows (x at t = 0 was then no draw of p_0).
+    Data N(0.3, 0.005^2) under sigma_min = 0.01: without denoising x(0) has std
+    sqrt(s^2 + sigma_min^2) = 0.01118 (0.01077 with the noise dropped, 7 SE off); denoised,
+    s^2 / sqrt(s^2 + sigma_min^2) = 0.002236."""
+    from diffusion_lab.processes.sde import VESDE
+
+    process, mu, s, n = VESDE(sigma_min=0.01, sigma_max=1.0, num_steps=1000), 0.3, 0.005, 20000
+
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -(x - mu) / (s**2 + process.std(t).to(x)[:, None] ** 2)
+
+    x = process.prior_sampling((n, 1), generator=torch.Generator().manual_seed(0)).double()
+    run = built("sampler", sampler)
+    for denoise, expected in (
+        (False, (s**2 + 0.01**2) ** 0.5),
+        (True, s**2 / (s**2 + 0.01**2) ** 0.5),
+    ):
+        generator = torch.Generator().manual_seed(1)
+        samples = run(score, process, x, steps=100, generator=generator, progress=False,
+                      denoise=denoise, **options).samples  # fmt: skip
+        assert abs(float(samples.std()) - expected) < 4 * expected / (2 * n) ** 0.5, denoise
