@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi),torch>=2.6,torch==2.13.0)
 ARGS ?=
 
-.PHONY: install run test test-all lint format experiments clean
+.PHONY: install run test test-all test-robust lint format experiments clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: install  ## the default suite (< 10 minutes on 2 cores)
 
 test-all: install  ## everything, including tests marked slow
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "slow or not slow"
+
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+test-robust: install  ## the default suite three times: other BLAS kernels (numpy: OpenBLAS Prescott, torch: MKL compatible), one thread, every core busy
+	OPENBLAS_CORETYPE=Prescott MKL_CBWR=COMPATIBLE $(PYTEST)
+	OMP_NUM_THREADS=1 $(PYTEST)
+	tools/with-cpu-load $(PYTEST)
 
 lint: install
 	$(BIN)/ruff check .
