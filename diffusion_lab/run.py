@@ -193,7 +193,7 @@ def interrupted_in_training(run_dir: Path, trainer: L.Trainer) -> RunInterrupted
 
 
 @contextmanager
-def naming_last_checkpoint(run_dir: Path, trainer: L.Trainer) -> Iterator[None]:
+def naming_last_checkpoint(run_dir: Path, trainer: L.Trainer | None = None) -> Iterator[None]:
     """End a failed or interrupted fit with one line naming the run's last checkpoint and how
     to resume.
 
@@ -201,7 +201,8 @@ def naming_last_checkpoint(run_dir: Path, trainer: L.Trainer) -> Iterator[None]:
     knows its folder); Ctrl-C or SIGTERM (Lightning saves the checkpoint, then exits) becomes a
     ``RunInterrupted`` line with the command that resumes (only rank 0 prints it); any other
     exception in training or validation (e.g. a sampler raising) becomes a
-    ``TrainingFailedError`` line, its traceback written to ``<run_dir>/error.log``.
+    ``TrainingFailedError`` line, its traceback written to ``<run_dir>/error.log``. Without
+    ``trainer``, interrupts pass through as they are.
     """
     try:
         yield
@@ -210,7 +211,9 @@ def naming_last_checkpoint(run_dir: Path, trainer: L.Trainer) -> Iterator[None]:
             raise
         raise type(exc)(f"{exc} {resume_hint(run_dir)}") from None
     except (SystemExit, KeyboardInterrupt) as exc:
-        if isinstance(exc, SystemExit) and trainer.state.status != TrainerStatus.INTERRUPTED:
+        if trainer is None or (
+            isinstance(exc, SystemExit) and trainer.state.status != TrainerStatus.INTERRUPTED
+        ):
             raise
         stop = interrupted_in_training(run_dir, trainer)
         if not trainer.is_global_zero:
@@ -422,8 +425,13 @@ SWEEP_JOBS: list[SweepJob] = []
 
 
 def is_sweep_job() -> bool:
-    """Whether the running Hydra job is one of a ``-m`` sweep."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    """Whether the running Hydra job is one of a ``-m`` sweep run in this process (Hydra's basic
+    launcher). Jobs that other launchers (submitit, joblib) run elsewhere stop as a single run
+    does, each with its own line and exit code, which their launcher reports."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    return launcher.rsplit(".", 1)[-1] == "BasicLauncher"
 
 
 def run_sweep_job(cfg: DictConfig) -> float | None:

@@ -65,8 +65,9 @@ class TrainingModule(L.LightningModule):
         the last checkpoint, which only it knows)."""
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"loss is {loss.item()} at step {self.global_step}: lower the learning rate or "
-                "check the data; resume from the last good checkpoint with ckpt_path=last"
+                f"loss is {loss.item()} at step {self.global_step}: lower the learning rate "
+                "(optimizer.lr) or check the data; resume from the last good checkpoint with "
+                "ckpt_path=last and the lower optimizer.lr (a resumed run trains at its own)"
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
