@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusion_lab.callbacks.ema import WarmupEMA
+from diffusion_lab.callbacks.ranks import process_alive
 from diffusion_lab.errors import CheckpointError, ConfigError, DiffusionLabError
 
 log = logging.getLogger("diffusion_lab")
@@ -33,17 +34,6 @@ def temporary_path(path: Path, pid: int | None = None) -> Path:
     """Where the writer ``pid`` (this process by default) writes ``path`` first: a hidden
     ``.<name>.<pid>.tmp`` beside it (the same file system, so the rename is atomic)."""
     return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp")
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -35,7 +35,7 @@ class RankRegistry(L.Callback):
         self._path(trainer).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a killed child not yet reaped, a zombie, counts as dead)."""
     try:
         os.kill(pid, 0)
@@ -52,6 +52,6 @@ def dead_ranks(dirpath: str | Path) -> list[tuple[int, int, int]]:
     dead = []
     for path in sorted(launch_folder(dirpath).glob("*.pid")):
         pid, world_size = (int(v) for v in path.read_text().split())
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             dead.append((int(path.stem), world_size, pid))
     return dead
