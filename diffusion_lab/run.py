@@ -484,7 +484,7 @@ def end_sweep(interrupted: RunInterrupted | None = None) -> None:
     ]
     if interrupted is not None:
         lines.append(stop_line(RunInterrupted(f"sweep stopped: {interrupted}")))
-    print(f"sweep: {len(failed)} of {len(SWEEP_JOBS)} jobs run failed", flush=True)
+    print(f"sweep: {len(failed)} of {len(SWEEP_JOBS)} jobs failed", flush=True)
     print_last_lines(*lines)
     sys.exit(interrupted.exit_code if interrupted is not None else 2)
 
