@@ -313,7 +313,8 @@ def defer_hydra_record(argv: list[str]) -> list[str]:
         return argv
     keys = {override.key_or_group: override for override in parsed}
     ckpt = keys.get("ckpt_path")
-    if args.multirun or ckpt is None or ckpt.value() is None or "hydra.output_subdir" in keys:
+    asks = args.multirun or args.help or args.hydra_help or args.info or args.cfg
+    if asks or ckpt is None or ckpt.value() is None or "hydra.output_subdir" in keys:
         return argv
     DEFERRED_RECORD = ".hydra"
     return [*argv, NO_RECORD]
