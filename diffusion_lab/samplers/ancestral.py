@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
     CountingModel,
@@ -28,7 +29,7 @@ def ancestral(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int | None = None,
+    steps: PositiveInt | None = None,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     spacing: str = "trailing",

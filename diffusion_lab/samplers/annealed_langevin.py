@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes.sde import SDE
@@ -87,7 +88,7 @@ def annealed_langevin(
     model: Model,
     process: ForwardProcess,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int | None = None,
+    steps: PositiveInt | None = None,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     n_steps_each: int = 100,
@@ -118,7 +119,7 @@ def annealed_langevin_inpaint(
     process: SDE,
     observed: torch.Tensor,
     mask: torch.Tensor,
-    steps: int | None = None,
+    steps: PositiveInt | None = None,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     n_steps_each: int = 100,

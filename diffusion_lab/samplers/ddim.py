@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
@@ -28,7 +29,7 @@ def ddim(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int | None = 50,
+    steps: PositiveInt | None = 50,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     eta: float = 0.0,

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
@@ -53,7 +54,7 @@ def dpm_solver_pp(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 20,
+    steps: PositiveInt = 20,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     order: int = 2,

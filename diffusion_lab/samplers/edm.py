@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
     CountingModel,
@@ -55,7 +56,7 @@ def edm_sampler(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 18,
+    steps: PositiveInt = 18,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     second_order: bool = True,

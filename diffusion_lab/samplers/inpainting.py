@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import Model, SampleResult, StepCallback, gaussian_like
 from diffusion_lab.samplers.pc import predictor_corrector
@@ -39,7 +40,7 @@ def inpaint(
     model: Model,
     process: SDE,
     observed: torch.Tensor,
-    steps: int = 1000,
+    steps: PositiveInt = 1000,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     *,
@@ -96,7 +97,7 @@ def colorize(
     model: Model,
     process: SDE,
     gray: torch.Tensor,
-    steps: int = 1000,
+    steps: PositiveInt = 1000,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     **options: object,

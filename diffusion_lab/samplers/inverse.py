@@ -13,6 +13,7 @@ from dataclasses import InitVar, dataclass
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.operators import FunctionOperator, LinearOperator, MatrixOperator
 from diffusion_lab.processes.sde import SDE
@@ -62,7 +63,7 @@ def solve_linear_inverse_problem(
     process: SDE,
     measurement: LinearMeasurement,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 1000,
+    steps: PositiveInt = 1000,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     **options: object,

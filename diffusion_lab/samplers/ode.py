@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
     CountingModel,
@@ -81,7 +82,7 @@ def probability_flow(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int | None = None,
+    steps: PositiveInt | None = None,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     rtol: float = 1e-5,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffusion_lab.config_types import NonNegativeInt, PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.sde import SDE
 from diffusion_lab.samplers.base import (
@@ -83,13 +84,13 @@ def predictor_corrector(
     model: Model,
     process: SDE,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int = 1000,
+    steps: PositiveInt = 1000,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     predictor: str = "reverse_diffusion",
     corrector: str = "langevin",
     snr: float = 0.16,
-    n_corrector_steps: int = 1,
+    n_corrector_steps: NonNegativeInt = 1,
     eps: float = 1e-3,
     denoise: bool = True,
     return_trajectory: bool = False,
@@ -127,7 +128,7 @@ def predictor_corrector(
 
 
 @sampler(requires=("sde",), time_grid="continuous")
-def euler_maruyama(model: Model, process: SDE, x_or_shape, steps: int = 1000, **options):
+def euler_maruyama(model: Model, process: SDE, x_or_shape, steps: PositiveInt = 1000, **options):
     """Euler-Maruyama on the reverse SDE, no corrector."""
     return predictor_corrector(
         model,
@@ -141,7 +142,7 @@ def euler_maruyama(model: Model, process: SDE, x_or_shape, steps: int = 1000, **
 
 
 @sampler(requires=("sde",), time_grid="continuous")
-def reverse_diffusion(model: Model, process: SDE, x_or_shape, steps: int = 1000, **options):
+def reverse_diffusion(model: Model, process: SDE, x_or_shape, steps: PositiveInt = 1000, **options):
     """The reverse-diffusion predictor (Khungurn eq. 13), no corrector."""
     return predictor_corrector(
         model,

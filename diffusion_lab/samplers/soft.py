@@ -86,6 +86,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffusion_lab.config_types import PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import (
@@ -215,7 +216,7 @@ def soft_naive(
     model: Model,
     process: ForwardProcess,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int | None = None,
+    steps: PositiveInt | None = None,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     spacing: str = "trailing",
@@ -242,7 +243,7 @@ def soft_momentum(
     model: Model,
     process: ForwardProcess,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int | None = None,
+    steps: PositiveInt | None = None,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     spacing: str = "trailing",
@@ -267,7 +268,7 @@ def soft_pf_momentum(
     model: Model,
     process: ForwardProcess,
     x_or_shape: torch.Tensor | tuple[int, ...],
-    steps: int | None = None,
+    steps: PositiveInt | None = None,
     callback: StepCallback | None = None,
     generator: torch.Generator | None = None,
     spacing: str = "trailing",
