@@ -341,7 +341,9 @@ def test_the_processes_build_from_their_configs(group, cls):
     cfg = _compose([f"process={group}", "data=digits", "data.image_size=16"])
     check_tree("process", OmegaConf.to_container(cfg.process, resolve=True))  # keys and types
     process = instantiate(cfg.process)
-    assert isinstance(process, cls) and process.provides == frozenset({"linear_mean", "noisy_at_zero"})
+    assert isinstance(process, cls) and process.provides == frozenset(
+        {"linear_mean", "noisy_at_zero"}
+    )
     assert process.noise_fraction == 0.15 and process.sigma_max == 0.1
     with pytest.raises(ConfigError, match="is not one"):  # the SDE samplers are refused
         check_sampler(ddim, process)
