@@ -20,7 +20,9 @@ import copy
 import json
 import logging
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +80,29 @@ class RunInterrupted(DiffusionLabError):
     def __init__(self, message: str, exit_code: int = SIGINT_EXIT) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the fit (whose SIGTERM Lightning handles), raised like Ctrl-C's
+    ``KeyboardInterrupt`` so that the stage it stops can say what was kept."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block (Python's default would end the
+    process at once, with no line); the previous handler comes back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class SweepInterrupted(BaseException):
@@ -233,14 +258,16 @@ def naming_last_checkpoint(run_dir: Path, trainer: L.Trainer | None = None) -> I
 
 
 @contextmanager
-def interrupted_before_training() -> Iterator[None]:
-    """Ctrl-C while the run is set up (data checks, the digits classifier): one line."""
+def interrupts_named(where: str) -> Iterator[None]:
+    """Ctrl-C (exit 130) or SIGTERM (143) inside the block: one line, "interrupted (Ctrl-C)
+    <where>", where says what was kept and the command that goes on."""
     try:
-        yield
-    except KeyboardInterrupt:
-        raise RunInterrupted(
-            "interrupted (Ctrl-C) before training started: run the command again"
-        ) from None
+        with sigterm_raises():
+            yield
+    except (KeyboardInterrupt, Terminated) as exc:
+        sigterm = isinstance(exc, Terminated)
+        what, code = ("SIGTERM", SIGTERM_EXIT) if sigterm else ("Ctrl-C", SIGINT_EXIT)
+        raise RunInterrupted(f"interrupted ({what}) {where}", code) from None
 
 
 @contextmanager
@@ -250,11 +277,8 @@ def final_stage(run_dir: Path, stage: str, again: str) -> Iterator[None]:
     command that does the stage from it; a crash's traceback goes to ``<run_dir>/error.log``."""
     kept = kept_checkpoint(run_dir)
     try:
-        yield
-    except KeyboardInterrupt:
-        raise RunInterrupted(
-            f"interrupted (Ctrl-C) during the final {stage}: {kept}; {again}"
-        ) from None
+        with interrupts_named(f"during the final {stage}: {kept}; {again}"):
+            yield
     except NonFiniteSamplesError as exc:
         raise NonFiniteSamplesError(f"{exc}; {kept}") from None
     except DiffusionLabError:
@@ -342,7 +366,7 @@ def write_hydra_record(cfg: DictConfig, run_dir: Path) -> None:
 def train(cfg: DictConfig) -> float | None:
     """Fit, then sample with the final (EMA) weights and score the samples."""
     run_dir = Path(cfg.run_dir)
-    with interrupted_before_training():
+    with interrupts_named("before training started: run the command again"):
         check_config(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         datamodule, metrics = build_datamodule(cfg)

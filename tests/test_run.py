@@ -104,7 +104,7 @@ def test_unknown_config_key_stops_with_one_clear_message(tmp_path):
             "sampler=annealed_langevin",
             "annealed_langevin needs a process that keeps noise at t = 0",
         ),
-        ("sampler.steps=0", "steps must lie in [1, 1000]"),
+        ("sampler.steps=1001", "steps must lie in [1, 1000]"),
     ],
 )
 def test_bad_values_stop_before_training_with_one_line(tmp_path, override, message):

@@ -55,13 +55,34 @@ def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
-def start(run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, Path, Path]:
-    """Start a run in the background; its stdout and stderr go to files, to be polled."""
-    out, err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
-    command = [sys.executable, "-m", "diffusion_lab.run", *overrides, f"hydra.run.dir={run_dir}"]
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env())
-    return process, out, err
+def as_from_a_terminal() -> None:
+    """In the child before it runs: Ctrl-C's default action, as a terminal's foreground job
+    has. A parent that ignores SIGINT (a shell's background job: ``nohup make test &``, CI
+    runners) passes that on, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def start():
+    """``start(run_dir, *overrides)``: a run in the background, its stdout and stderr going to
+    files to be polled; a run still alive when the test ends (a failed wait) is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start_run(run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, Path, Path]:
+        out, err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
+        command = [sys.executable, "-m", "diffusion_lab.run", *overrides,
+                   f"hydra.run.dir={run_dir}"]  # fmt: skip
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env(),
+                                       preexec_fn=as_from_a_terminal)  # fmt: skip
+        started.append(process)
+        return process, out, err
+
+    yield start_run
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def assert_one_stop_line_last(output: str, start_: str) -> str:
@@ -127,7 +148,7 @@ def test_the_stop_line_is_the_last_line_with_the_progress_bars_on(tmp_path):
 
 @pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "Ctrl-C"),
                                               (signal.SIGTERM, 143, "SIGTERM")])  # fmt: skip
-def test_an_interrupt_in_training_says_how_to_resume(tmp_path, sig, code, name):
+def test_an_interrupt_in_training_says_how_to_resume(tmp_path, start, sig, code, name):
     """Ctrl-C (or SIGTERM) once the first epoch-end checkpoint exists: exit 130 (143) with one
     last line naming the step, the checkpoint written on the interrupt and the command that
     resumes with the run's overrides; that command runs."""
@@ -153,18 +174,23 @@ def test_an_interrupt_in_training_says_how_to_resume(tmp_path, sig, code, name):
     assert checkpoint_step(ckpt) == step + 2
 
 
-def test_ctrl_c_in_the_final_sampling_keeps_the_checkpoint_and_says_how_to_sample(tmp_path):
-    """Ctrl-C once the final sampling has started (its log line): exit 130, one last line naming
-    the checkpoint and the command that samples; no samples.pt, no final_metrics.json."""
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "Ctrl-C"),
+                                              (signal.SIGTERM, 143, "SIGTERM")])  # fmt: skip
+def test_an_interrupt_in_the_final_sampling_keeps_the_checkpoint_and_says_how_to_sample(
+    tmp_path, start, sig, code, name
+):
+    """Ctrl-C (SIGTERM) once the final sampling has started (its log line): exit 130 (143), one
+    last line naming the checkpoint and the command that samples; no samples.pt, no
+    final_metrics.json."""
     run_dir = tmp_path / "run"
     process, out, err = start(run_dir, *TINY, *BARS, "trainer.max_steps=3",
                               "final_samples=2000", "sampler.steps=1000")  # fmt: skip
     wait_for(lambda: "final sampling: 2000 samples" in text_of(out), "the final sampling", process)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=300) == 130, text_of(err)[-3000:]
+    process.send_signal(sig)
+    assert process.wait(timeout=300) == code, text_of(err)[-3000:]
     line = assert_one_stop_line_last(text_of(out) + text_of(err), "diffusion_lab: interrupted:")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    assert f"during the final sampling: checkpoint kept at {ckpt}" in line
+    assert f"({name}) during the final sampling: checkpoint kept at {ckpt}" in line
     assert f"sample with python -m diffusion_lab.sample {run_dir} --num-samples 2000" in line
     assert checkpoint_step(ckpt) == 3
     assert not (run_dir / "samples.pt").exists() and not (run_dir / "final_metrics.json").exists()
