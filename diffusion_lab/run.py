@@ -370,7 +370,6 @@ def train(cfg: DictConfig) -> float | None:
         check_config(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         datamodule, metrics = build_datamodule(cfg)
-        SampleEvaluator.prepare(metrics)  # e.g. train the digits classifier, before the seed
         L.seed_everything(cfg.seed, workers=True)
         with naming_offline_line():  # a missing or corrupt data set stops the run here
             datamodule.prepare_data()
@@ -379,6 +378,9 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
         if ckpt_path is not None:
             load_checkpoint(ckpt_path, method)  # safe to load, and fits this run's model
+        # e.g. train the digits classifier (its own seeded RNG): after every check that can
+        # refuse the run, so that a bad process or sampler never waits for it
+        SampleEvaluator.prepare(metrics)
         trainer = build_trainer(cfg)
         if trainer.is_global_zero:
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

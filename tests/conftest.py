@@ -1,5 +1,5 @@
-"""Shared test settings: a private cache for the digits classifier, one thread per process,
-and hypothesis's profile.
+"""Shared test settings: a private cache for the digits classifier (one for all workers), one
+thread per process, and hypothesis's profile.
 
 Small tensors gain nothing from two OpenMP threads, and on a 2-core machine busy with another
 process they lose 10-20x; `make test` runs two pytest workers of one thread each instead.
@@ -25,6 +25,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _project_cache(tmp_path_factory):
-    os.environ.setdefault("DIFFUSION_LAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    """One cache for the whole session: under xdist, the folder above the workers' own, so
+    the digits classifier is trained once (under its lock) rather than once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = shared / "project-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ.setdefault("DIFFUSION_LAB_CACHE", str(cache))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -172,6 +174,32 @@ def test_digits_classifier_first_use_says_so_then_loads(tmp_path, monkeypatch, c
     assert trained == [0] and "training" not in caplog.text
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(first(x), second(x))
+
+
+def test_processes_starting_together_train_the_digits_classifier_once(tmp_path, monkeypatch):
+    """Two starts at once (as DDP ranks or a sweep's parallel jobs): one trains under the lock,
+    the other waits and loads its file. A start that arrives after the training loads the file
+    too, so no interleaving trains twice."""
+    trained: list[int] = []
+
+    def slow_fake_train(seed: int = 0) -> dc.DigitsClassifier:
+        trained.append(seed)
+        time.sleep(0.3)  # long enough for the other start to reach the lock
+        return dc._freeze(dc.DigitsClassifier())
+
+    monkeypatch.setattr(dc, "train_digits_classifier", slow_fake_train)
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(dc, "_LOADED", {})
+    loaded = []
+    starts = [threading.Thread(target=lambda: loaded.append(dc._train_once(dc.cache_path())))
+              for _ in range(2)]  # fmt: skip
+    for start in starts:
+        start.start()
+    for start in starts:
+        start.join()
+    assert trained == [0] and len(loaded) == 2
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(loaded[0](x), loaded[1](x))
 
 
 def test_digits_classifier_training_shows_progress(capsys) -> None:

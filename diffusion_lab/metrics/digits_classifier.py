@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -210,26 +211,51 @@ def _load_cached(path: Path) -> DigitsClassifier | None:
 
 
 def get_digits_classifier(device: str | torch.device = "cpu") -> DigitsClassifier:
-    """The trained digits classifier (seed 0) in eval mode, from the cache or trained and cached."""
+    """The trained digits classifier (seed 0) in eval mode, from the cache or trained and cached.
+
+    Processes that start together (DDP ranks, a sweep's parallel jobs) train it once: the
+    first holds a lock beside the cache while it trains; the others wait, then load its file.
+    """
     path = cache_path()
     key = (str(path), str(device))
     if key not in _LOADED:
         model = _load_cached(path)
         if model is None:
-            log.info(
-                "training the digits classifier for the *_digits metrics and class coverage "
-                "(once, about 30 s); its weights go to %s (set %s to move the cache)",
-                path, CACHE_ENV,
-            )  # fmt: skip
-            model = train_digits_classifier(seed=0)
-            state = model.state_dict()
-            try:
-                write_atomic(path, lambda handle: torch.save(state, handle))
-            except OSError as exc:
-                warnings.warn(
-                    f"could not cache the digits classifier at {path} ({exc}): every run will "
-                    f"train it again; set {CACHE_ENV} to a writable folder",
-                    stacklevel=2,
-                )
+            model = _train_once(path)
         _LOADED[key] = model.to(device)
     return _LOADED[key]
+
+
+def _train_once(path: Path) -> DigitsClassifier:
+    """Train and cache the classifier under a lock beside ``path`` (or load what the process
+    that held the lock before cached); train it uncached where the folder is not writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
+        lock.acquire()
+    except OSError:
+        return _train_and_cache(path)
+    try:
+        cached = _load_cached(path)
+        return cached if cached is not None else _train_and_cache(path)
+    finally:
+        lock.release()
+
+
+def _train_and_cache(path: Path) -> DigitsClassifier:
+    log.info(
+        "training the digits classifier for the *_digits metrics and class coverage "
+        "(once, about 30 s); its weights go to %s (set %s to move the cache)",
+        path, CACHE_ENV,
+    )  # fmt: skip
+    model = train_digits_classifier(seed=0)
+    state = model.state_dict()
+    try:
+        write_atomic(path, lambda handle: torch.save(state, handle))
+    except OSError as exc:
+        warnings.warn(
+            f"could not cache the digits classifier at {path} ({exc}): every run will "
+            f"train it again; set {CACHE_ENV} to a writable folder",
+            stacklevel=3,
+        )
+    return model
