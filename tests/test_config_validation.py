@@ -63,13 +63,6 @@ def malicious(path: Path, marker: Path) -> Path:
     [
         (["optimizer.lr=abc"], "optimizer.lr must be a valid number, got 'abc'"),
         (["-m", "optimizer.lr=1e-3,abc"], "optimizer.lr must be a valid number, got 'abc'"),
-        (["trainer.max_step=10"], "trainer has no key max_step: did you mean trainer.max_steps?"),
-        (["-m", "trainer.max_step=1,2"], "did you mean trainer.max_steps?"),
-        (["+trainer.max_step=10"], "trainer has no key max_step: did you mean trainer.max_steps?"),
-        (["sampler=ddmi"], "sampler has no option ddmi: did you mean sampler=ddim?"),
-        (["trainer.max_steps=-5"], "trainer.max_steps must be >= -1, got -5"),
-        (["final_samples=-1"], "final_samples must be >= 0, got -1"),
-        (["-m", "sampler.steps=0,5"], "sampler.steps must be >= 1, got 0"),
     ],
 )
 def test_bad_overrides_stop_the_run_with_one_line(tmp_path, overrides, message):
@@ -77,6 +70,44 @@ def test_bad_overrides_stop_the_run_with_one_line(tmp_path, overrides, message):
                    f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     assert_one_line(result, message)
     assert not list(tmp_path.rglob("checkpoints"))
+
+
+def checked_up_front(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """``python -m diffusion_lab.run args`` in this process, which its check of every job's
+    config must end before Hydra starts (the two cases above run it as a new process)."""
+    from diffusion_lab import run
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the up-front check let the run start")
+
+    monkeypatch.setattr(run, "main", started)
+    monkeypatch.setattr(sys, "argv", ["diffusion_lab.run", *args])
+    with pytest.raises(SystemExit) as stop:
+        run.cli()
+    output = capsys.readouterr()
+    return subprocess.CompletedProcess(args, stop.value.code, output.out, output.err)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.max_step=10"], "trainer has no key max_step: did you mean trainer.max_steps?"),
+        (["-m", "trainer.max_step=1,2"], "did you mean trainer.max_steps?"),
+        (["+trainer.max_step=10"], "trainer has no key max_step: did you mean trainer.max_steps?"),
+        (["sampler=ddmi"], "sampler has no option ddmi: did you mean sampler=ddim?"),
+        (["trainer.max_steps=-5"], "trainer.max_steps must be >= -1, got -5"),
+        (["final_samples=-1"], "final_samples must be >= 0, got -1"),
+        (["-m", "sampler.steps=0,5"], "sampler.steps must be >= 1, got 0"),
+        (["-m", "sampler.steps=5,0"], "sampler.steps must be >= 1, got 0"),
+    ],
+)
+def test_bad_overrides_in_any_job_stop_before_hydra_starts(
+    monkeypatch, capsys, tmp_path, overrides, message
+):
+    result = checked_up_front(monkeypatch, capsys, *overrides, "trainer=debug",
+                              f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    assert_one_line(result, message)
+    assert not list(tmp_path.iterdir())
 
 
 def test_every_config_option_fits_the_schema():
