@@ -18,7 +18,7 @@ class ResumableCSVLogger(CSVLogger):
     of ``metrics.csv`` logged before the resumed step are kept rather than deleted.
 
     Lightning's writer deletes an existing ``metrics.csv`` when it opens the folder, so a resumed
-    run lost every row before the kill (issue 9). The rows logged before the checkpoint's step
+    run lost every row before the kill. The rows logged before the checkpoint's step
     are read first and written back ahead of the new ones; those the killed run logged after
     its checkpoint are dropped, since the resumed run logs those steps again. ``resume_from``
     is a checkpoint path or ``last`` (``<save_dir>/checkpoints/last.ckpt``).

@@ -142,7 +142,7 @@ def gaussian_kernel1d(std: torch.Tensor, half_size: int) -> torch.Tensor:
     """The sampled Gaussian exp(-i^2 / (2 std^2)), i = -half_size..half_size, normalised to sum
     1: shape (B, 2 half_size + 1) for ``std`` of shape (B,).
 
-    The sampled kernel is not the continuous one (PITFALLS, Soft Diffusion): for small std only
+    The sampled kernel is not the continuous one (Daras et al. sec. 3.3): for small std only
     the centre tap survives, so std = 0.01 (exp(-5000) = 0 at the neighbours) is the identity to
     float precision, as Soft Diffusion's t = 0 must be (C_0 = I, Daras et al. eq. 4).
     """
@@ -177,7 +177,7 @@ class GaussianBlur(LinearOperator):
     Zero padding means y_i = sum_j k_{j-i} x_j over the pixels j of the image only: a pixel
     near the border loses the mass of the kernel that falls outside, so a blurred constant image
     is bright in the centre and dark at the corners, and G_a G_b is not G_c at the border (no
-    semigroup, PITFALLS). Taps further than n - 1 from the centre only ever meet padding, so the
+    semigroup). Taps further than n - 1 from the centre only ever meet padding, so the
     kernel is cropped to half size min(h, n - 1) after normalising: an exact saving that matters
     for h = 80 on 64x64 images, where the 161-tap kernel is larger than the image.
 

@@ -10,14 +10,14 @@ from diffusion_lab.config_types import OpenUnitFloat
 
 def warmup_ema_decay(decay: float, num_averaged: int) -> float:
     """min(decay, (1 + n) / (10 + n)): the warm-up that keeps an early EMA from being pure noise
-    (PITFALLS: improved-diffusion #59; the schedule of TensorFlow's ExponentialMovingAverage with
+    (openai/improved-diffusion#59; the schedule of TensorFlow's ExponentialMovingAverage with
     num_updates, as used by NCSNv2 and Score SDE)."""
     return min(decay, (1 + num_averaged) / (10 + num_averaged))
 
 
 class WarmupEMA(WeightAveraging):
-    """Exponential moving average of the parameters only (never buffers: PITFALLS,
-    denoising-diffusion-pytorch #136), decay warmed up by :func:`warmup_ema_decay`.
+    """Exponential moving average of the parameters only (never buffers: averaging
+    the registered betas and alphas gave black images, denoising-diffusion-pytorch#136), decay warmed up by :func:`warmup_ema_decay`.
 
     Lightning swaps the averaged weights in for validation (so samples drawn there use EMA), copies
     them into the model when training ends, and saves both in checkpoints.

@@ -23,7 +23,7 @@ def sample_times(
 
     ``"levels"``: a discrete level drawn uniformly per example (DDPM's i ~ U{1..N}, NCSN's
     sigma_i ~ U{sigma_1..sigma_L}); ``"uniform"``: t ~ U(eps, 1) (Score SDE, Khungurn eq. 9).
-    eps is a real hyper-parameter (PITFALLS: t ~ U(eps, 1) against the discretised schedule).
+    eps is a real hyper-parameter (t ~ U(eps, 1) is not the discretised schedule's law).
     ``"fixed"``: every example at ``fixed_time`` (score matching at one noise level).
 
     One time per example of the batch ``like``, on its device, drawn in float32 (the same

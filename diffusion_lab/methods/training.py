@@ -23,7 +23,7 @@ class TrainingModule(L.LightningModule):
     ``warmup_steps``; a resumed run trains at its own configured learning rate, not the
     checkpoint's (:meth:`apply_configured_learning_rates`). Checkpoints keep the global RNG state, so that resuming is exact. Only
     primitives are saved as hyper-parameters (``run_config``), so checkpoints load with
-    ``weights_only=True`` (DESIGN.md).
+    ``weights_only=True``.
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class TrainingModule(L.LightningModule):
         restarts "on epoch end" and its epoch loop, waiting for a validation that never comes,
         fetches one more batch (index ``num_training_batches``, from the next epoch's
         permutation) and trains on it: the batch was trained twice, every later epoch shifted by
-        one step and the noise stream by one draw, so the resumed weights differed (issue 9).
+        one step and the noise stream by one draw, so the resumed weights differed.
         Lightning still steps the LR scheduler for the skipped batch: see the warm-up below.
         With a validation due, Lightning skips that batch itself, which is why a tiny config
         with validation every epoch resumed exactly."""
@@ -133,7 +133,7 @@ class TrainingModule(L.LightningModule):
             """(k + 1) / warmup at optimizer step k, read from the trainer's optimizer-step count,
             not from the scheduler's own counter: Lightning also steps the scheduler for the
             batch that :meth:`on_train_batch_start` skips on resume, which put the resumed
-            learning rate one step ahead (issue 9)."""
+            learning rate one step ahead."""
             return 1.0 if warmup == 0 else min(1.0, (self.global_step + 1) / warmup)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)

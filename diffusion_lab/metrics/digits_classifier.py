@@ -1,6 +1,6 @@
 """A small CNN classifier of scikit-learn's 8x8 digits, for offline FID/KID features and coverage.
 
-Protocol (written down once, see PITFALLS "Evaluation"):
+Protocol (written down once; README, "Metrics"):
 
 - data and split: ``diffusion_lab.data.digits.load_digits_arrays`` (``load_digits`` / 16 in [0, 1],
   1437 train / 180 val / 180 test by a permutation seeded with ``seed``, default 0); the classifier

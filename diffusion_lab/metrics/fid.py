@@ -4,7 +4,7 @@ Names are part of the result: ``fid``/``kid`` only for torchmetrics' Inception n
 torch-fidelity and a weights file: ``weights_path`` or torch-fidelity's file already in the torch hub
 cache; nothing is downloaded), ``fid_digits``/``kid_digits`` for the features of the project's digits
 classifier (``digits_classifier.py``). The two are not comparable and are never reported under one
-name. Both depend on the number of samples (PITFALLS "Evaluation"): the ``compute_*`` helpers return it.
+name. Both depend on the number of samples (README, "Metrics"): the ``compute_*`` helpers return it.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def bits_per_dim(
 
     - ``dequantize=True`` (discrete data with ``num_bins`` levels; 8-bit: 256): x is
       dequantised uniformly (:func:`uniform_dequantize`), which makes bits/dim an upper bound on the
-      discrete model's code length (Theis et al. 2016) and keeps it non-negative (PITFALLS). In
+      discrete model's code length (Theis et al. 2016) and keeps it non-negative. In
       units where one bin has width 1 the change of variables to y has Jacobian
       a = (model width) / num_bins per dim, so bpd = -(log p(y) + D log a) / (D ln 2)
       = -log p(y) / (D ln 2) + log2(num_bins) - log2(model width). For 8-bit data and model range

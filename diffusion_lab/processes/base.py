@@ -1,4 +1,4 @@
-"""The forward-process contract every loss and sampler reads (DESIGN.md, "Contracts").
+"""The forward-process contract every loss and sampler reads.
 
 A forward process corrupts clean data x_0 into x_t = mean(x_0, t) + std(t) z, z ~ N(0, I), on
 continuous time t in [0, 1] (t = 0 clean). The corrupted mean is whatever the family needs:

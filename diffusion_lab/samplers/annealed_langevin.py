@@ -10,7 +10,7 @@ closed form assumes; NCSN's printed Alg. 1 writes alpha_i / 2 s + sqrt(alpha_i) 
 same update with eps halved (pass ``step_lr = eps / 2`` to run the printed pseudo-code).
 
 Then, with ``denoise``, Tweedie's final step x + sigma_L^2 s(x, sigma_L) (``process.denoise``;
-PITFALLS: skipping it costs about 5 FID points). ``steps`` (default: every level) takes that
+skipping it costs about 5 FID points). ``steps`` (default: every level) takes that
 many of the process's levels, evenly spread and always including sigma_1 and sigma_L (the
 shared ``level_grid`` with "linspace" spacing).
 """

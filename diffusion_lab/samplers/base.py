@@ -1,7 +1,7 @@
 """What every sampler shares: the result type, NFE counting, initial states and the build-time
 check of a sampler against its process (the time grids are in ``samplers.grids``).
 
-Samplers are plain functions with one signature (DESIGN.md): ``sampler(model, process,
+Samplers are plain functions with one signature: ``sampler(model, process,
 x_or_shape, steps, callback=None, generator=None, **options) -> SampleResult``. The model is any
 callable ``score(x, t)``; a trained ``ScoreModel`` also gives ``denoised(x, t)``, and for a plain
 score function :class:`CountingModel` derives it by Tweedie's formula, so an analytic score and
@@ -213,7 +213,7 @@ def final_denoise(
 ) -> torch.Tensor:
     """The clean-image estimate at the last time if it still carries noise (Tweedie's
     x + sigma^2 s(x, sigma), divided by alpha, for a score model; the model's own ``denoised``
-    otherwise); skipping it costs about 5 FID points (PITFALLS, Sampling)."""
+    otherwise); skipping it costs about 5 FID points (reported by users of score_sde_pytorch's forks)."""
     t_b = batch_time(t, x)
     if not denoise or float(process.std(t_b).max()) == 0.0:
         return x

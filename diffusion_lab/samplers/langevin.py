@@ -34,7 +34,7 @@ def langevin_corrector(
 
     eps = 2 a (snr ||z|| / ||s||)^2 with norms averaged over the batch and a = 1 - beta_i for VP,
     1 for VE: generically the squared one-level transition coefficient a^2 of the process. The
-    target signal-to-noise ratio needs tuning (PITFALLS: typically 0.05-0.2).
+    target signal-to-noise ratio needs tuning (typically 0.05-0.2; Score SDE's CIFAR-10 configs use 0.16).
     """
     t_b = batch_time(t, x)
     a, _ = process.transition_coefficients((t_b - 1.0 / process.num_steps).clamp(min=0), t_b)

@@ -96,7 +96,7 @@ def probability_flow(
     """Sample by solving the probability-flow ODE from t = 1 to eps with an adaptive solver.
 
     ``steps`` stays None: the solver picks its own (NFE is reported); rtol and atol set the
-    trade-off. Note (PITFALLS): the VE SDE with this sampler is much worse than with the SDE one.
+    trade-off. Note: the VE SDE with this sampler is much worse than with the SDE one.
     """
     score = CountingModel(model, process)
     x = initial_state(process, x_or_shape, generator)

@@ -63,7 +63,7 @@ VE), because t = 0 is then the least corrupted level the process defines; the ne
 evaluated only by ``denoise``. Where std(0) = 0 (VP, sub-VP: t = 0 is the clean data itself, not a
 level) the appended 0 is replaced by the smallest noisy level (t = 1/N), where the grid ends: a
 step to sigma = 0 would end Alg. 2 with x = C_0 x0_hat + sigma_t eta, a last step of full noise
-(PITFALLS: a schedule with 0 appended makes an anomalous last step), and eq. 8 would divide by
+(an anomalous last step), and eq. 8 would divide by
 zero there. NFE = len(grid) - 1, + 1 with ``denoise``; with ``"trailing"``, len(grid) - 1 = ``steps``
 whenever the strided levels stop above the smallest one (steps up to about 2N/3; with every level,
 steps = N, it is N on the soft process and N - 1 on VE, whose levels hold t = 0).

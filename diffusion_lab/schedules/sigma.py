@@ -1,7 +1,7 @@
 """NCSN sigma schedules: the L noise levels of a VE process.
 
 Each returns L noise levels in the papers' order, sigma_1 = sigma_max > ... > sigma_L = sigma_min
-(Spagnoletti et al. sec. 3), in float64, with both end points exact (PITFALLS: no duplicated or
+(Spagnoletti et al. sec. 3), in float64, with both end points exact (no duplicated or
 zero last level); :func:`diffusion_lab.schedules.sigma_schedule` picks one by name.
 
 The five sigma schedules of Spagnoletti et al. sec. 7 ("Noise scale"): geometric, linear,
