@@ -10,16 +10,17 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.callbacks.ranks import RankRegistry
 from diffusion_lab.errors import ConfigError, DiffusionLabError
-from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.metrics.evaluator import SampleEvaluator
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import check_sampler
+from diffusion_lab.schema import parameters
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -48,36 +49,43 @@ def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, list[str]]
     return instantiate(data_cfg), metrics
 
 
-def build_method(cfg: DictConfig, metrics: list[str]) -> DiffusionMethod:
-    """Process, network, loss, sampler and optimiser wired into the configured method.
+#: The parts :func:`build_method` can give a method.
+ALL_PARTS = {"network", "process", "optimizer", "sampler", "loss", "evaluator", "run_config"}
+
+
+def build_method(cfg: DictConfig, metrics: list[str]) -> L.LightningModule:
+    """The configured method, given the parts its constructor declares: network, process,
+    optimiser (a partial, built by the method on the network's parameters), sampler, loss,
+    evaluator and run config; a part it does not declare is not built (a classifier builds no
+    sampler or loss).
 
     A sampler that cannot serve the process (a missing capability, steps out of range) stops
-    here, before any training.
+    here, before any training. The parts are built in a fixed order (network first, from the
+    seeded global RNG), so the same config gives the same weights.
     """
-    optimizer = instantiate(cfg.optimizer)
-    network = instantiate(cfg.network)
-    try:
-        optimizer(network.parameters())
-    except ValueError as exc:  # e.g. a negative learning rate
-        raise ConfigError(f"optimizer: {exc}") from None
-    process = instantiate(cfg.process)
-    sampler = instantiate(cfg.sampler)
-    check_sampler(sampler, process)
+    annotations, takes_kwargs = parameters(get_object(cfg.method._target_))
+    declared = ALL_PARTS if takes_kwargs else set(annotations)
+    parts: dict[str, Any] = {
+        "network": instantiate(cfg.network),
+        "process": instantiate(cfg.process),
+        "optimizer": instantiate(cfg.optimizer),
+    }
+    if "sampler" in declared:
+        parts["sampler"] = instantiate(cfg.sampler)
+        check_sampler(parts["sampler"], parts["process"])
+    if "loss" in declared:
+        parts["loss"] = instantiate(cfg.loss)
+    if "evaluator" in declared:
+        parts["evaluator"] = SampleEvaluator(metrics) if metrics else None
+    if "run_config" in declared:
+        parts["run_config"] = OmegaConf.to_container(cfg, resolve=True)
     method = instantiate(
         cfg.method,
         _partial_=True,  # the parts built above are passed as they are (Hydra would turn a
         _recursive_=False,  # dataclass part, e.g. a score-matching loss, into a dict)
         _convert_="all",  # plain lists and dicts, so checkpoints load with weights_only=True
     )
-    return method(
-        network=network,
-        process=process,
-        loss=instantiate(cfg.loss),
-        sampler=sampler,
-        optimizer=optimizer,
-        evaluator=SampleEvaluator(metrics) if metrics else None,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    return method(**{name: part for name, part in parts.items() if name in declared})
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:

@@ -72,8 +72,8 @@ THIRD_PARTY: dict[Any, dict[str, Any]] = {
         "limit_test_batches": BatchLimit | None,
         "limit_predict_batches": BatchLimit | None,
     },
-    # lr keeps torch's own range check, whose message names the learning rate
     torch.optim.Adam: {
+        "lr": NonNegativeFloat,
         "betas": tuple[UnitFloat, UnitFloat],
         "eps": NonNegativeFloat,
         "weight_decay": NonNegativeFloat,

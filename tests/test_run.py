@@ -96,7 +96,7 @@ def test_unknown_config_key_stops_with_one_clear_message(tmp_path):
     "override, message",
     [
         ("method.warmup_steps=-1", "warmup_steps must be >= 0"),
-        ("optimizer.lr=-1", "learning rate"),
+        ("optimizer.lr=-1", "optimizer.lr must be >= 0.0, got -1"),
         ("data.batch_size=0", "batch_size"),
         ("process.num_steps=1", "num_steps"),
         ("data=cifar10", "data=digits"),

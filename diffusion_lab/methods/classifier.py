@@ -43,13 +43,12 @@ class NoisyClassifierMethod(TrainingModule):
     """Cross-entropy training of a noisy classifier on x(t) = alpha(t) x0 + sigma(t) z.
 
     Same construction and base (``TrainingModule``) as ``DiffusionMethod`` (``build.build_method``
-    calls both alike): data map from ``data_range`` to ``model_range`` (that of the score model it
-    will guide); the optimiser partial with a linear warm-up over ``warmup_steps``. ``loss``,
-    ``sampler`` and ``evaluator``, which ``build_method`` passes to every method, are accepted
-    and ignored: a classifier has no sampler, and its metrics are its own (``train/acc``,
-    ``val/acc`` over t ~ U(eps, 1), and ``val/acc_low_noise`` at t = eps). Set ``final_samples:
-    0`` in the run config, as the experiment ``noisy_classifier_digits`` does, since there is
-    nothing to sample.
+    builds both): data map from ``data_range`` to ``model_range`` (that of the score model it
+    will guide); the optimiser partial with a linear warm-up over ``warmup_steps``. It has no
+    sampler or loss part (``build_method`` builds only what a constructor declares), and its
+    metrics are its own (``train/acc``, ``val/acc`` over t ~ U(eps, 1), and ``val/acc_low_noise``
+    at t = eps). Set ``final_samples: 0`` in the run config, as the experiment
+    ``noisy_classifier_digits`` does, since there is nothing to sample.
 
     Validation draws its times and noise from a generator seeded by ``sample_seed`` and the batch
     index: the metrics are comparable between validations and the global RNG (training's stream,
@@ -67,9 +66,6 @@ class NoisyClassifierMethod(TrainingModule):
         warmup_steps: int = 0,
         sample_seed: int = 0,
         run_config: dict | None = None,
-        loss: Any = None,
-        sampler: Any = None,
-        evaluator: Any = None,
     ) -> None:
         super().__init__(optimizer, data_range, model_range, warmup_steps, run_config)
         self.model = TimeDependentClassifier(network, process)
