@@ -112,7 +112,8 @@ def last_checkpoint_path(run_dir: str | Path) -> Path:
 def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """None (fresh run), a path, or ``last`` -> <run_dir>/checkpoints/last.ckpt, which must exist.
 
-    Resuming is only ever what was asked for (PITFALLS: Lightning #19827).
+    Resuming is only ever what was asked for (an automatic resume surprised Lightning's users,
+    Lightning-AI/pytorch-lightning#19827).
     """
     if ckpt_path is None:
         return None

@@ -30,7 +30,7 @@ class DiffusionMethod(TrainingModule):
     ``model_range``; the optimiser partial (Adam by default) warms up linearly over
     ``warmup_steps`` (Ho et al. App. B: 5000 steps); gradient clipping is the Trainer's
     ``gradient_clip_val``. ``dequantize`` adds uniform noise within each 8-bit bin to the training
-    data, x 255/256 + U/256 (NCSN's released code; PITFALLS). Sampling starts from the process's
+    data, x 255/256 + U/256 (NCSN's released code). Sampling starts from the process's
     prior (``process.prior_sampling``: NCSN's U[0, 1]^D is the VE process's ``prior: uniform``)
     and the sampler receives the model itself (``ScoreModel``: a score callable with
     ``denoised``). A process that estimates something from the training data (``process.fit``)
@@ -141,7 +141,7 @@ class DiffusionMethod(TrainingModule):
         """Sample and score with the EMA weights. Lightning runs the callbacks' epoch hooks
         before the module's: at this epoch's start the EMA callback has already swapped the
         averaged weights in, while at its end it has already swapped them out again (sampling
-        there used the raw weights, PITFALLS: FID 8.06 against 3.21), and the sample-grid and
+        there used the raw weights: FID 8.06 against 3.21 in pytorch-ddpm#22), and the sample-grid and
         curve callbacks, which read ``last_samples`` and the metrics at the epoch end, saw the
         previous validation's. NaN or infinite samples stop the run before any metric
         (``NonFiniteSamplesError``: FID's solver crashes on them), with the step."""
