@@ -60,7 +60,8 @@ def build_method(cfg: DictConfig, metrics: list[str]) -> L.LightningModule:
     sampler or loss).
 
     A sampler that cannot serve the process (a missing capability, steps out of range) stops
-    here, before any training. The parts are built in a fixed order (network first, from the
+    here, before any training and before the evaluator loads (or, the first time, trains)
+    what its metrics need. The parts are built in a fixed order (network first, from the
     seeded global RNG), so the same config gives the same weights.
     """
     annotations, takes_kwargs = parameters(get_object(cfg.method._target_))

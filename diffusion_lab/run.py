@@ -58,7 +58,6 @@ from diffusion_lab.errors import (
 )
 from diffusion_lab.metrics.evaluator import (
     NonFiniteSamplesError,
-    SampleEvaluator,
     check_samples_finite,
 )
 from diffusion_lab.schema import check_config, check_overrides
@@ -378,9 +377,6 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir)
         if ckpt_path is not None:
             load_checkpoint(ckpt_path, method)  # safe to load, and fits this run's model
-        # e.g. train the digits classifier (its own seeded RNG): after every check that can
-        # refuse the run, so that a bad process or sampler never waits for it
-        SampleEvaluator.prepare(metrics)
         trainer = build_trainer(cfg)
         if trainer.is_global_zero:
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

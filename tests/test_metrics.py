@@ -176,6 +176,19 @@ def test_digits_classifier_first_use_says_so_then_loads(tmp_path, monkeypatch, c
     assert torch.equal(first(x), second(x))
 
 
+def test_the_digits_classifier_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """Trained (the first time) or loaded from the cache, after a run has seeded its RNG: the
+    run's draws are the same either way."""
+    real_train = dc.train_digits_classifier
+    monkeypatch.setattr(dc, "train_digits_classifier", lambda seed=0: real_train(seed, epochs=1))
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path))
+    for what in ("trained", "loaded"):
+        monkeypatch.setattr(dc, "_LOADED", {})
+        before = torch.get_rng_state()
+        dc.get_digits_classifier()
+        assert torch.equal(torch.get_rng_state(), before), what
+
+
 def test_processes_starting_together_train_the_digits_classifier_once(tmp_path, monkeypatch):
     """Two starts at once (as DDP ranks or a sweep's parallel jobs): one trains under the lock,
     the other waits and loads its file. A start that arrives after the training loads the file

@@ -200,7 +200,8 @@ def _load_cached(path: Path) -> DigitsClassifier | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = DigitsClassifier()
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: their
+            model = DigitsClassifier()  # draws must not move the run's global RNG
         model.load_state_dict(state)
     except Exception as exc:  # corrupt or incompatible file: retrain, never weights_only=False
         warnings.warn(
