@@ -3,14 +3,14 @@
 For an RGB photograph (``skimage.data.astronaut()``, resized with ``skimage.transform.resize``
 (anti-aliased) to H x W and kept in [0, 1] float64) and the framework's VE SDE
 (``VESDE(sigma_min=0.01, sigma_max=50)``, N = 10 steps on [0, 1], fixed-point tol 1e-6), every
-linear solver of ``diffusion_lab.processes.fokker_planck`` runs the whole precomputation (KDE +
-all PDE steps + transport, ``solve_embedding``) at H = W = 16, 32, 64, 128, in one process, on one
-core (OMP_NUM_THREADS=1, ``torch.set_num_threads(1)``), ``--repeats`` timed runs after a warm-up,
-the median reported. Reported per size and solver: the total, the time per PDE step, where the time
-goes (kde, assembly, factorisation, solve, transport), the fixed-point and Krylov iteration counts,
-and the largest difference of m from the direct LU's. The exponent of time against H*W is fitted by
-least squares on log-log. Targets (the issue): 128 x 128 RGB under 5 s on one core; growth no
-faster than (H W)^1.2.
+linear solver (the package's and those of ``fp_solver_variants.py``) runs the whole precomputation
+(KDE + all PDE steps + transport, ``solve_embedding``) at H = W = 16, 32, 64, 128, in one process,
+on one core (OMP_NUM_THREADS=1, ``torch.set_num_threads(1)``), ``--repeats`` timed runs after a
+warm-up, the median reported. Reported per size and solver: the total, the time per PDE step,
+where the time goes (kde, assembly, factorisation, solve, transport), the fixed-point and Krylov
+iteration counts, and the largest difference of m from the direct LU's. The exponent of time
+against H*W is fitted by least squares on log-log. Targets: 128 x 128 RGB under 5 s on one core;
+growth no faster than (H W)^1.2.
 
 Usage: ``python experiments/fp_solver_benchmark.py [--quick] [--repeats 3] [--note "..."]``
 (``--quick``: sizes 16 and 32). Writes ``experiments/results/fp_solver_benchmark.json`` and
@@ -34,6 +34,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from fp_solver_variants import SOLVERS  # noqa: E402
 
 from diffusion_lab.processes import fokker_planck as fp  # noqa: E402
 from diffusion_lab.processes.sde import VESDE  # noqa: E402
@@ -71,7 +72,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sizes 16 and 32 only")
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--solvers", nargs="*", default=list(DEFAULT_SOLVERS))
+    parser.add_argument(
+        "--solvers", nargs="*", default=list(DEFAULT_SOLVERS), choices=list(SOLVERS)
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--note", default="", help="what else ran on the machine")
@@ -83,7 +86,7 @@ def main() -> None:
 
     def run(image: np.ndarray, solver: str) -> fp.FPSolution:
         return fp.solve_embedding(
-            image, drift, diffusion, num_steps=args.steps, tol=args.tol, solver=solver
+            image, drift, diffusion, num_steps=args.steps, tol=args.tol, solver=SOLVERS[solver]
         )
 
     for solver in args.solvers:  # warm-up (imports, caches)

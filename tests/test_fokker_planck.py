@@ -3,18 +3,48 @@
 Numbers against closed forms, in float64: a manufactured solution (order 2 in h, 1 in dt), the
 sparse matrix against a per-node dense assembly, exact row sums, the exact decay of sine modes,
 the zero padding, the KDE's closed form, the transport step, and the fixed point for VE / VP.
+Every linear solver, the benchmark's variants (experiments/fp_solver_variants.py) included, is
+checked against a dense solve.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from diffusion_lab.processes import fokker_planck as fp
+from diffusion_lab.processes.fokker_planck.grid import time_grid
+from diffusion_lab.processes.fokker_planck.march import march
+from diffusion_lab.processes.fokker_planck.timer import PHASES, SolveTimer
 from diffusion_lab.processes.sde import VESDE, VPSDE
+
+
+def _load_variants() -> dict[str, fp.linear_solvers.SolverFactory]:
+    """The benchmark's solver table: the package's solvers and the experiments' variants."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "fp_solver_variants.py"
+    spec = importlib.util.spec_from_file_location("fp_solver_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SOLVERS
+
+
+ALL_SOLVERS = _load_variants()
+
+
+def _laplacian(u: np.ndarray, h: float = 1.0) -> np.ndarray:
+    """L u of eq. 11: (sum of the 4 neighbours - 4 u_ij) / h^2, zero padded (last two axes)."""
+    out = -4.0 * np.asarray(u, dtype=np.float64)
+    out[..., :-1, :] += u[..., 1:, :]
+    out[..., 1:, :] += u[..., :-1, :]
+    out[..., :, :-1] += u[..., :, 1:]
+    out[..., :, 1:] += u[..., :, :-1]
+    return out / h**2
 
 
 def _dense(v: np.ndarray, g: float, dt: float, h: float, stencil: str) -> np.ndarray:
@@ -54,11 +84,11 @@ def test_sparse_matrix_equals_dense_assembly(stencil: str, h: float) -> None:
     np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-12)
     b = rng.normal(size=v.size)
     reference = np.linalg.solve(dense, b)
-    x = fp.LinearSolver("lu").solve(fp.assemble_matrix(v, g, dt, h, stencil), b, np.zeros_like(b))
+    x = fp.SOLVERS["lu"]().solve(fp.assemble_matrix(v, g, dt, h, stencil), b, np.zeros_like(b))
     np.testing.assert_allclose(x, reference, rtol=0, atol=1e-10 * np.abs(reference).max())
 
 
-@pytest.mark.parametrize("solver", fp.SOLVERS)
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_every_solver_matches_dense_solve(solver: str) -> None:
     rng = np.random.default_rng(1)
     v = rng.normal(size=(3, 6, 7))
@@ -66,7 +96,7 @@ def test_every_solver_matches_dense_solve(solver: str) -> None:
     a = fp.assemble_matrix(v, g, dt, h)
     b = rng.normal(size=v.size)
     reference = np.linalg.solve(a.toarray(), b)
-    linear = fp.LinearSolver(solver)
+    linear = ALL_SOLVERS[solver](SolveTimer())
     linear.start_step(v.shape, g, dt, h)
     for _ in range(2):  # the second call reuses per-step work where the solver does
         x = linear.solve(a, b, np.zeros_like(b))
@@ -96,7 +126,7 @@ def test_sine_modes_decay_exactly() -> None:
         mu += 4 * math.sin(q * math.pi / (2 * (nw + 1))) ** 2
         factor = 1 / (1 + 0.5 * g**2 * dt * mu)
         for solver in ("lu", fp.DEFAULT_SOLVER):
-            linear = fp.LinearSolver(solver)
+            linear = fp.SOLVERS[solver]()
             linear.start_step((1, nh, nw), g, dt, 1.0)
             out = linear.solve(a, mode.ravel(), np.zeros(mode.size)).reshape(nh, nw)
             np.testing.assert_allclose(out, factor * mode, rtol=0, atol=1e-12 * factor)
@@ -106,7 +136,7 @@ def test_zero_padding_of_constant_field() -> None:
     c, h = 2.5, 0.5
     u = np.full((1, 4, 5), c)
     d = fp.grad_sum(u, h)[0]
-    lap = fp.laplacian(u, h)[0]
+    lap = _laplacian(u, h)[0]
     np.testing.assert_array_equal(d[1:-1, 1:-1], 0.0)
     np.testing.assert_array_equal(lap[1:-1, 1:-1], 0.0)
     # corners: (0,0) misses both minus neighbours, (H-1,W-1) both plus ones, (0,W-1) one each
@@ -173,6 +203,22 @@ def test_ve_fixed_point_converges_and_sweep_agrees() -> None:
         np.testing.assert_allclose(per_step.x[n], expected, rtol=0, atol=1e-12)
 
 
+def test_timer_totals_each_phase() -> None:
+    timer = SolveTimer()
+    with timer("solve"):
+        time.sleep(0.02)
+    with timer("solve"):
+        time.sleep(0.01)
+    seconds = timer.seconds()
+    assert list(seconds) == [*PHASES, "total"]
+    assert 0.03 <= seconds["solve"] <= seconds["total"]
+    assert all(seconds[phase] == 0.0 for phase in PHASES if phase != "solve")
+    drift, diffusion = fp.sde_coefficients(VESDE(sigma_min=0.01, sigma_max=50.0))
+    solution = fp.solve_embedding(_image(), drift, diffusion, num_steps=3).seconds
+    assert all(solution[phase] > 0 for phase in PHASES)
+    assert sum(solution[phase] for phase in PHASES) <= solution["total"]
+
+
 def test_fixed_point_failure_names_the_step() -> None:
     drift, diffusion = fp.sde_coefficients(VESDE(sigma_min=0.01, sigma_max=50.0))
     with pytest.raises(fp.FixedPointError, match="step 1"):
@@ -220,6 +266,36 @@ def test_heun_velocity() -> None:
 C_DRIFT, G_CONST = 0.5, 0.8
 
 
+class GivenFields:
+    """f(t) given as a field of t only (no transport), forcing -(D f)(t) or ``forcing_fn(t)``."""
+
+    def __init__(self, f_fn, forcing_fn, times: np.ndarray, h: float) -> None:
+        self.f_fn, self.forcing_fn, self.times, self.h = f_fn, forcing_fn, times, h
+
+    def begin(self) -> None:
+        """Nothing to reset between passes."""
+
+    def before(self, n: int, m_prev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = float(self.times[n])
+        f = np.asarray(self.f_fn(t), dtype=np.float64)
+        forcing = -fp.grad_sum(f, self.h) if self.forcing_fn is None else self.forcing_fn(t)
+        return f, np.asarray(forcing, dtype=np.float64)
+
+    def after(self, n: int, m: np.ndarray) -> None:
+        """Nothing is transported."""
+
+
+def solve_log_density(
+    m0, f_fn, g_fn, num_steps=10, T=1.0, h=1.0, forcing_fn=None, **options
+) -> fp.FPSolution:
+    """Eq. 9 from m^0 on [0, T] for a drift field f_fn(t) of t only; ``forcing_fn(t)`` replaces
+    the known part -(D f)(t) of the right-hand side (``options``: the march's)."""
+    timer = SolveTimer()
+    times = time_grid(num_steps, 0.0, T)
+    fields = GivenFields(f_fn, forcing_fn, times, h)
+    return march(np.asarray(m0, dtype=np.float64), fields, g_fn, times, timer, h=h, **options)
+
+
 def _manufactured(n: int, num_steps: int, T: float) -> tuple[np.ndarray, np.ndarray]:
     """Solve with the analytic source on the unit square; return (numerical, exact) at T.
 
@@ -241,7 +317,7 @@ def _manufactured(n: int, num_steps: int, T: float) -> tuple[np.ndarray, np.ndar
         )
         return value[None]
 
-    sol = fp.solve_log_density(
+    sol = solve_log_density(
         s[None],
         lambda t: C_DRIFT * s[None],
         lambda t: G_CONST,

@@ -34,7 +34,7 @@ def numpy_peak(run) -> int:
     """The most bytes numpy (and Python) held at once while ``run()`` ran (tracemalloc), on a
     second call (the first one imports and caches what later calls reuse)."""
     run()
-    fokker_planck._pattern.cache_clear()  # the CSR pattern is built within the solve, as in a run
+    fokker_planck.assembly.csr_pattern.cache_clear()  # built within the solve, as in a run
     tracemalloc.start()
     try:
         run()
