@@ -7,14 +7,21 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
+from diffusion_lab.data.base import TensorPairDataset
 from diffusion_lab.data.few import FewImagesDataModule
-from diffusion_lab.data.images import SingleImageDataModule
+from diffusion_lab.data.images import NaturalCropsDataModule, SingleImageDataModule
 from diffusion_lab.errors import ConfigError, DataError
 from diffusion_lab.losses.dsm import DenoisingScoreMatching
 from diffusion_lab.losses.score_embedding import ScoreEmbeddingLoss
+from diffusion_lab.methods.fp_embedding import distinct_images
 from diffusion_lab.metrics import image_quality
-from diffusion_lab.processes.fp_embedding import FPEmbeddingProcess, distinct_in_order
+from diffusion_lab.processes.fp_embedding import (
+    FPEmbeddingProcess,
+    ImageScoreModel,
+    distinct_in_order,
+)
 from diffusion_lab.processes.sde import VESDE, VPSDE
 from diffusion_lab.score_model import ScoreModel
 
@@ -65,33 +72,45 @@ def test_with_zero_score_and_ve_the_table_is_the_image_and_with_vp_it_follows_th
     assert torch.allclose(process.table.double(), torch.stack(expected, 1), rtol=1e-5)
 
 
-def test_the_mean_is_the_table_at_grid_times_and_linear_in_between():
+def test_the_table_is_read_by_index_at_grid_times_and_linear_in_between():
     process, x = fitted(base=VPSDE())
     index = torch.tensor([1, 0, 1])
     t = torch.tensor([0.4, 0.6, 0.5])  # grid 0, 0.2, ..., 1
-    mean = process.mean(x[index].float(), t)
+    mean = process.table_at(index, t)
     table = process.table
     assert torch.allclose(mean[0], table[1, 2], atol=1e-6)
     assert torch.allclose(mean[1], table[0, 3], atol=1e-6)
     assert torch.allclose(mean[2], 0.5 * (table[1, 2] + table[1, 3]), atol=1e-6)
     assert torch.allclose(process.std(t), VPSDE().std(t))
+    z = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigma = VPSDE().std(t)[:, None, None, None]
+    assert torch.allclose(process.perturb(index, t, z), mean + sigma * z, atol=1e-6)
 
 
-def test_an_image_that_was_not_embedded_is_one_clear_error():
+def test_the_mean_of_an_image_without_its_index_is_one_clear_error():
     process, x = fitted()
-    with pytest.raises(ConfigError, match="not one of the embedded training images"):
-        process.mean(x[:1] + 0.1, torch.tensor([0.5]))
+    with pytest.raises(ConfigError, match="needs each example's image index|read by each"):
+        process.mean(x[:1].float(), torch.tensor([0.5]))
+    with pytest.raises(ConfigError, match="image index"):
+        process.sample_marginal(x[:1].float(), torch.tensor([0.5]), torch.zeros(1, 1, 4, 4))
 
 
 def test_separate_intervals_label_image_k_with_k_plus_t():
+    """The label of examples of images ``index`` is index + t (sec. 4.4), t without separate
+    intervals; without an index, sample b is image b mod K; the image model labels so."""
     process, _ = fitted(separate_intervals=True)
-    t = torch.tensor([0.3, 0.7])
-    assert torch.equal(process.noise_label(t), t)
-    with process.intervals(torch.tensor([1, 0])):
-        assert torch.allclose(process.noise_label(t), torch.tensor([1.3, 0.7]))
+    t = torch.tensor([0.3, 0.7, 0.25, 0.5], dtype=torch.float64)
+    index = torch.tensor([1, 0, 0, 1])
+    expected = torch.tensor([1.3, 0.7, 0.25, 1.5], dtype=torch.float64)  # index + t
+    assert torch.equal(process.noise_label(t, index), expected)
+    assert torch.equal(process.noise_label(t), t + torch.tensor([0.0, 1.0, 0.0, 1.0]).to(t))
     shared, _ = fitted()
-    with shared.intervals(torch.tensor([1, 0])):
-        assert torch.equal(shared.noise_label(t), t)
+    assert torch.equal(shared.noise_label(t, index), t)
+    assert torch.equal(shared.noise_label(t), t)
+    model = ImageScoreModel(ScoreModel(TinyNet(16), process, "score"), index)
+    assert torch.equal(model.label(t), t + index.to(t))
+    with pytest.raises(ConfigError, match="needs process=fp_embedding"):
+        ImageScoreModel(ScoreModel(TinyNet(16), VPSDE(), "score"), index)
 
 
 def test_the_embedded_prior_is_each_images_last_entry_plus_sigma_max_noise():
@@ -112,24 +131,40 @@ def test_eq_24_per_example_against_a_direct_computation_and_the_dsm(base):
     """Eq. 24 by hand: 1/(2 g^2) || lambda s(x^n + lambda z, t) + z ||^2 with lambda = sigma, and
     with zero score on VE (x^n = x^0) the framework's variance-weighted DSM / g^2 per example."""
     process, x = fitted(base=base)
-    model = ScoreModel(TinyNet(16), process, "score")
+    index = torch.tensor([0, 1, 1, 0])
+    model = ImageScoreModel(ScoreModel(TinyNet(16), process, "score"), index)
     loss = ScoreEmbeddingLoss()
-    x0 = x[torch.tensor([0, 1, 1, 0])]
+    x0 = x[index]
     t = torch.tensor([0.2, 0.4, 1.0, 0.6], dtype=torch.float64)
     z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     sigma = base.std(t)[:, None, None, None]
     g = base.sde(x0, t)[1]
-    xt = process.mean(x0, t) + sigma * z
+    xt = process.table[index, (5 * t).round().long()].double() + sigma * z  # t on the grid
     by_hand = (sigma * model.score(xt, t) + z).pow(2).flatten(1).sum(1) / (2 * g.pow(2))
-    assert torch.allclose(loss.per_example(model, x0, t, z), by_hand, rtol=1e-12)
+    assert torch.allclose(loss.per_example(model, t, z), by_hand, rtol=1e-12)
     if isinstance(base, VESDE):
         plain = ScoreModel(
             model.network, VESDE(sigma_min=0.01, sigma_max=5.0, conditioning="time"), "score"
         )
         dsm = DenoisingScoreMatching.variance_weighted(plain, x0, t, z)
-        assert torch.allclose(loss.per_example(model, x0, t, z) * g.pow(2), dsm, rtol=1e-6)
+        assert torch.allclose(loss.per_example(model, t, z) * g.pow(2), dsm, rtol=1e-6)
     variance = ScoreEmbeddingLoss(weighting="variance")
-    assert torch.allclose(variance.per_example(model, x0, t, z) / g.pow(2), by_hand, rtol=1e-12)
+    assert torch.allclose(variance.per_example(model, t, z) / g.pow(2), by_hand, rtol=1e-12)
+
+
+def test_the_loss_of_a_step_is_the_mean_of_eq_24_at_its_level_and_needs_the_images_model():
+    process, x = fitted(separate_intervals=True)
+    index = torch.tensor([1, 0, 1])
+    model = ImageScoreModel(ScoreModel(TinyNet(16), process, "score"), index)
+    loss = ScoreEmbeddingLoss().at_step(7)  # level n = 7 mod 5 + 1 = 3, t = 0.6
+    torch.manual_seed(4)
+    value = loss(model, x[index])
+    torch.manual_seed(4)
+    z = torch.randn_like(x[index])
+    t = torch.full((3,), 0.6, dtype=torch.float32)
+    assert value.item() == pytest.approx(loss.per_example(model, t, z).mean().item(), rel=1e-12)
+    with pytest.raises(ConfigError, match="reads each example's image index"):
+        loss(ScoreModel(model.network, process, "score"), x[index])
 
 
 def test_dsm_call_is_the_mean_of_its_per_example_terms():
@@ -149,10 +184,11 @@ def test_dsm_call_is_the_mean_of_its_per_example_terms():
 def test_sequential_times_sweep_n_1_to_N_as_alg_2_and_uniform_stays_on_the_grid():
     process, _ = fitted()
     loss = ScoreEmbeddingLoss()
-    seen = [loss.times(process, 3, step, "cpu") for step in range(11)]
+    seen = [loss.at_step(step).times(process, 3, "cpu") for step in range(11)]
     assert all(torch.all(s == s[0]) for s in seen)
     assert [round(float(s[0]) * 5) for s in seen] == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1]
-    uniform = ScoreEmbeddingLoss(time_sampling="uniform").times(process, 1000, 0, "cpu")
+    assert loss.step == 0 and loss.at_step(4).weighting == "eq24"
+    uniform = ScoreEmbeddingLoss(time_sampling="uniform").times(process, 1000, "cpu")
     assert set((uniform * 5).round().int().tolist()) == {1, 2, 3, 4, 5}
 
 
@@ -182,9 +218,43 @@ def test_few_images_picks_the_first_of_a_class_and_repeats_them():
     few = FewImagesDataModule(source, count=1, label=0, n_copies=7)
     x, y = few.tensors("train")
     assert x.shape == (7, 3, 8, 8) and torch.equal(x[3], source.image())
+    assert torch.equal(y, torch.zeros(7, dtype=torch.int64))
     assert torch.equal(few.tensors("val")[0][0], source.image())
     with pytest.raises(DataError, match="only 0 images of class 5"):
         FewImagesDataModule(source, count=1, label=5).tensors("train")
+
+
+def test_few_images_label_every_example_with_its_images_index():
+    """Example i of the training split is picked image i mod K with label i mod K, in every
+    access (item, batch of items, loader) and split; the source's class labels are not used."""
+    source = NaturalCropsDataModule(n_train=9, n_val=1, n_test=1, image_size=8)
+    source_x, source_y = source.tensors("train")
+    few = FewImagesDataModule(source, count=3, label=int(source_y[4]), n_copies=5, batch_size=4)
+    picked = source_x[source_y == int(source_y[4])][:3]
+    train = few.dataset("train")
+    assert len(train) == 15
+    for i in range(15):
+        x, y = train[i]
+        assert int(y) == i % 3 and torch.equal(x, picked[i % 3])
+    batch = train.__getitems__([14, 0, 7])
+    assert [int(y) for _, y in batch] == [2, 0, 1]
+    assert all(torch.equal(x, picked[int(y)]) for x, y in batch)
+    few.setup("fit")
+    for x, y in few.train_dataloader():
+        assert torch.equal(x, picked[y])
+    for split in ("val", "test"):
+        x, y = few.tensors(split)
+        assert torch.equal(y, torch.arange(3)) and torch.equal(x, picked)
+    assert torch.equal(distinct_images(train), picked)
+
+
+def test_labels_that_are_not_the_image_index_are_one_clear_error():
+    x = images(2).float()
+    labelled = TensorPairDataset(x[torch.tensor([0, 1, 0])], torch.tensor([0, 0, 0]))
+    with pytest.raises(ConfigError, match="example 1 is image 1 .* its label is 0"):
+        distinct_images(labelled)
+    with pytest.raises(ConfigError, match=r"\(image, image index\) examples"):
+        distinct_images(TensorDataset(x))
 
 
 @pytest.mark.parametrize("sampler", ["probability_flow", "reverse_diffusion"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusion_lab.run import offline_overrides
@@ -65,3 +66,13 @@ def test_the_papers_image_folder_layout_runs_end_to_end(tmp_path):
                  *QUICK)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     check_run_folder(tmp_path / "run")
+    # Sampling from the checkpoint (three images, each in its own interval) draws the run's own
+    # final samples: same weights, seed, prior and labels (sample b: image b mod 3).
+    env = {**os.environ, "DIFFUSION_LAB_CACHE": str(tmp_path / "cache")}
+    sampled = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.sample", str(tmp_path / "run"), "--num-samples", "3"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    final = torch.load(tmp_path / "run" / "samples.pt")
+    assert torch.equal(torch.load(tmp_path / "run" / "samples_probability_flow.pt"), final)

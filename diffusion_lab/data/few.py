@@ -1,4 +1,9 @@
-"""A few images of a larger data set, repeated: the FP score embedding's training sets."""
+"""A few images of a larger data set, repeated: the FP score embedding's training sets.
+
+Each example is (image, index): the label is the image's index among the picked ones (0..K-1,
+in the source's order), which the FP score embedding reads to find an example's table and time
+interval (Na, Gao, Wan 2024, sec. 4.4), not the source's class label.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +60,8 @@ class RepeatedPairDataset(TensorPairDataset):
 
 class FewImagesDataModule(TensorDataModule):
     """The first ``count`` training images of ``source`` (of class ``label`` if given), each
-    repeated ``n_copies`` times for training; val and test are the images themselves.
+    repeated ``n_copies`` times for training; val and test are the images themselves. Every
+    split labels image k (the k-th picked) with k.
 
     The FP paper's CIFAR-10 runs took dog images (class 5) of its training set: ``source`` a
     CIFAR-10 DataModule, ``label: 5``, ``count: 1`` or ``3``. Image size, channels and range are
@@ -102,13 +108,14 @@ class FewImagesDataModule(TensorDataModule):
         return splits
 
     def load_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The picked images and labels in every split (``build_splits`` repeats the train one)."""
+        """The picked images and their indices in every split (``build_splits`` repeats the
+        train one)."""
         dataset = self.source.dataset("train")
         picked = []
         for i in range(len(dataset)):
             x, y = dataset[i]
             if self.label is None or int(y) == self.label:
-                picked.append((x, int(y)))
+                picked.append(x)
             if len(picked) == self.count:
                 break
         if len(picked) < self.count:
@@ -116,6 +123,6 @@ class FewImagesDataModule(TensorDataModule):
                 f"data.count={self.count} but the source's training set has only {len(picked)} "
                 f"images{'' if self.label is None else f' of class {self.label}'}"
             )
-        x = torch.stack([p[0] for p in picked])
-        y = torch.tensor([p[1] for p in picked], dtype=torch.int64)
+        x = torch.stack(picked)
+        y = torch.arange(self.count, dtype=torch.int64)
         return {"train": (x, y), "val": (x, y), "test": (x, y)}

@@ -177,7 +177,8 @@ class ImageFolderDataModule(TensorDataModule):
     ``holdout`` images (a seeded choice) are kept out of training and serve as val and test; with
     ``holdout: 0`` (default, for few-image studies) val and test are the training images.
     ``n_copies`` repeats the training images to lengthen an epoch. ``files`` keeps only the
-    named files of the folder, in that order (e.g. the FP paper's ``[celeba_3.png]``). Labels are 0.
+    named files of the folder, in that order (e.g. the FP paper's ``[celeba_3.png]``). An image's
+    label is its index in that order (the FP score embedding reads it).
     """
 
     def __init__(
@@ -245,7 +246,7 @@ class ImageFolderDataModule(TensorDataModule):
             raise ConfigError(
                 f"data.holdout={self.holdout} leaves no training image ({len(x)} in {self.root})"
             )
-        y = torch.zeros(len(x), dtype=torch.int64)
+        y = torch.arange(len(x), dtype=torch.int64)
         if self.holdout:
             train_idx, held = seeded_split(len(x), [len(x) - self.holdout, self.holdout], self.seed)
             train_idx = train_idx.sort().values

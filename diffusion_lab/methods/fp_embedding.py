@@ -27,10 +27,11 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.data import Dataset
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.losses.score_embedding import ScoreEmbeddingLoss
 from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.metrics import image_quality
 from diffusion_lab.processes import fokker_planck
-from diffusion_lab.processes.fp_embedding import FPEmbeddingProcess
+from diffusion_lab.processes.fp_embedding import FPEmbeddingProcess, ImageScoreModel
 
 log = logging.getLogger("diffusion_lab")
 
@@ -205,16 +206,27 @@ def distinct_images(dataset: Dataset, limit: int = MAX_IMAGES) -> torch.Tensor:
     """The distinct images of ``dataset`` (K, C, H, W) in the order of their first occurrence,
     without stacking the copies: an item that is a view of an image already seen (the repeated
     sets are) is recognised by its storage, any other is compared with the K images found.
-    Stops with a ConfigError beyond ``limit`` distinct images."""
+    Each item is (image, label) and its label must be the image's index in that order (the
+    index the method reads from each batch). Stops with a ConfigError beyond ``limit``
+    distinct images or at a label that is not the index."""
     found: list[torch.Tensor] = []
-    seen: set[tuple] = set()  # where the images found lie (kept alive in found: not reused)
+    seen: dict[tuple, int] = {}  # where the images found lie (kept alive in found: not reused)
     for i in range(len(dataset)):
         item = dataset[i]
-        x = item[0] if isinstance(item, (list, tuple)) else item
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ConfigError(
+                "method=fp_embedding needs (image, image index) examples: use data=few_images, "
+                "data=single_image or an image folder"
+            )
+        x, label = item
         key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.stride(), x.shape, x.dtype)
-        if key in seen or any(torch.equal(x, image) for image in found):
+        index = seen.get(key)
+        if index is None:
+            index = next((k for k, image in enumerate(found) if torch.equal(x, image)), len(found))
+        check_image_label(i, int(label), index)
+        if index < len(found):
             continue
-        seen.add(key)
+        seen[key] = index
         found.append(x)
         if len(found) > limit:
             raise ConfigError(
@@ -225,15 +237,27 @@ def distinct_images(dataset: Dataset, limit: int = MAX_IMAGES) -> torch.Tensor:
     return torch.stack(found)
 
 
+def check_image_label(position: int, label: int, index: int) -> None:
+    """A ConfigError unless example ``position``'s label is ``index``, its image's index."""
+    if label != index:
+        raise ConfigError(
+            f"training example {position} is image {index} of the training set (in the order "
+            f"of first occurrence) but its label is {label}: the FP embedding reads each "
+            "example's image from its label, so the data must label each distinct image by its "
+            "index (data=few_images, data=single_image and image folders do, for distinct images)"
+        )
+
+
 class ScoreEmbeddingMethod(DiffusionMethod):
     """A ``DiffusionMethod`` over an ``FPEmbeddingProcess``, trained with eq. 24.
 
     The process embeds the training images when the run starts (``process.fit``, timed: its
     seconds are :attr:`precompute_seconds`, which ``TimeToTarget`` adds to the training time),
-    after :meth:`check_memory` found room for it and for training. Each training step tells the
-    process which image each example is (its own time interval when ``separate_intervals``) and
-    gives the loss the step number (Alg. 2 sweeps n = 1..N in order). Sample b belongs to image
-    b mod K.
+    after :meth:`check_memory` found room for it and for training. A training batch is
+    (images, image index): the loss gets the network for those images
+    (:class:`ImageScoreModel`: its own time interval per image when ``separate_intervals``) and
+    is the loss of the step (``loss.at_step``: Alg. 2 sweeps n = 1..N in order). Sample b
+    belongs to image b mod K.
     """
 
     def check_parts(self) -> None:
@@ -243,19 +267,22 @@ class ScoreEmbeddingMethod(DiffusionMethod):
             raise ConfigError(
                 "method.dequantize must be false for the FP embedding: the tables are per image"
             )
+        if not isinstance(self.loss_fn, ScoreEmbeddingLoss):
+            raise ConfigError("method=fp_embedding needs loss=score_embedding (eq. 24)")
 
     def on_fit_start(self) -> None:
         """Estimate the memory of the precomputation and of training and stop if it is not
-        there; then (on a fresh run: a resumed one restored the tables) embed each distinct
-        training image once, found without stacking the copies of the repeated data set (in
-        place of ``DiffusionMethod.on_fit_start``, which stacks up to 10,000 examples)."""
+        there; then embed each distinct training image once, found without stacking the copies
+        of the repeated data set (in place of ``DiffusionMethod.on_fit_start``, which stacks up
+        to 10,000 examples), each example's label checked to be its image's index. A resumed
+        run restored the tables: its training images must be the ones they embed."""
         datamodule = self.trainer.datamodule
         shape = tuple(datamodule.data_shape)
         fresh = self.process.needs_fit and self.trainer.ckpt_path is None
-        images = distinct_images(datamodule.dataset("train")) if fresh else None
-        estimate = self.memory_estimate(
-            shape, datamodule.batch_size, 0 if images is None else len(images)
-        )
+        images = distinct_images(datamodule.dataset("train"))
+        if not fresh:
+            self.check_embedded(self.to_model_range(images))
+        estimate = self.memory_estimate(shape, datamodule.batch_size, len(images) if fresh else 0)
         self.check_memory(estimate, shape, datamodule.batch_size)
         unknown = (
             ""
@@ -267,12 +294,21 @@ class ScoreEmbeddingMethod(DiffusionMethod):
             "(%s available)%s", gib(estimate.training), gib(estimate.sampling), gib(estimate.fit),
             gib(available_memory_bytes()), unknown,
         )  # fmt: skip
-        if images is not None:
+        if fresh:
             log.info(
                 "FP embedding of %d image(s) %s: about %.0f s to compute, unless cached (a "
                 "rough estimate)", len(images), shape, estimate.solve_seconds * len(images),
             )  # fmt: skip
             self.process.fit(self.to_model_range(images).to(self.device))
+
+    def check_embedded(self, images: torch.Tensor) -> None:
+        """A ConfigError unless ``images`` (model range, in index order) are the embedded ones."""
+        embedded = self.process.images
+        if not torch.equal(images.to(embedded), embedded):
+            raise ConfigError(
+                f"the training set's {len(images)} distinct image(s) are not the "
+                f"{len(embedded)} this checkpoint embedded: resume with the run's own data"
+            )
 
     # ---------------------------------------------------------------- memory
     def memory_estimate(
@@ -332,17 +368,26 @@ class ScoreEmbeddingMethod(DiffusionMethod):
         seconds = self.process.precompute_seconds
         return float(seconds) if seconds.numel() else 0.0
 
-    def batch_loss(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Eq. 24 with each example's image (interval) and the step number (Alg. 2; the
-        trainer's global step unless given)."""
-        with self.process.intervals(self.process.image_index(x)):
-            return self.loss_fn(self.model, x, step=self.global_step if step is None else step)
+    def images_loss(self, x: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
+        """Eq. 24 of examples ``x`` (model range) of the embedded images ``index`` (B,) at
+        training step ``step`` (Alg. 2's sweep)."""
+        model = ImageScoreModel(self.model, index.to(x.device))
+        return self.loss_fn.at_step(step)(model, x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Eq. 24 of a batch of (images, image index)."""
+        x, index = batch
+        loss = self.images_loss(self.to_model_range(x), index, self.global_step)
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         """Eq. 24 on the embedded images (the only ones the method serves), once per validation."""
         if batch_idx > 0:
             return None
-        loss = self.batch_loss(self.process.images)
+        index = torch.arange(self.process.num_images, device=self.device)
+        loss = self.images_loss(self.process.images, index, self.global_step)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True)
         return loss
 
@@ -353,11 +398,3 @@ class ScoreEmbeddingMethod(DiffusionMethod):
         targets = self.to_data_range(own).to(samples)
         names = ("ssim", "global_ssim", "psnr", "mse")
         return {name: getattr(image_quality, name)(samples, targets) for name in names}
-
-    @torch.no_grad()
-    def generate(
-        self, num_samples: int, sample_shape: Sequence[int] | None = None, **sampler_options: Any
-    ) -> tuple[torch.Tensor, int]:
-        """Samples of the images in turn (sample b: image b mod K), each in its interval."""
-        with self.process.intervals(self.process.sample_images(num_samples).to(self.device)):
-            return super().generate(num_samples, sample_shape, **sampler_options)

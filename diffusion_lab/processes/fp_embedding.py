@@ -14,8 +14,11 @@ samples with the probability-flow ODE): the process provides ``sde``, which the 
 and predictor-corrector samplers need, and not ``gaussian_sde``, since its mean is not alpha(t) x0.
 
 Several images: each has its own table. ``separate_intervals`` gives image k its own time
-interval, as the paper does for CelebA generation (sec. 4.4): the network's time label is k + t
-(:meth:`intervals` sets the image of each example). The solver works on images in [0, 1] (its
+interval, as the paper does for CelebA generation (sec. 4.4): the network's time label is k + t.
+Which image an example is comes with it, as an index (a training example's label, see
+``data.few``; sample b is image b mod K): the table is read and the label formed from that
+index (:meth:`table_at`, :meth:`perturb`, :meth:`noise_label`, :class:`ImageScoreModel`), never
+by matching x^0 against the images. The solver works on images in [0, 1] (its
 KDE's Scott bandwidth does not depend on the data's spread, so the range is fixed there):
 ``value_range`` is the model range the images arrive in, mapped to [0, 1] for the solver and the
 table mapped back. ``embedding: zero_score`` is the study's control: the same table with
@@ -29,12 +32,11 @@ still counts them in its training time (``callbacks.time_to_target``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ from diffusion_lab.cache import cache_dir
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes import fokker_planck
 from diffusion_lab.processes.sde import SDE
+from diffusion_lab.score_model import ScoreModel
 from diffusion_lab.utils import append_dims
 
 log = logging.getLogger("diffusion_lab")
@@ -105,10 +108,9 @@ class FPEmbeddingProcess(SDE):
         self.prior = prior
         self.value_range = (lo, hi)
         self.cache = cache
-        self.register_fitted("images")  # (K, C, H, W): x^0, to find an example's table
+        self.register_fitted("images")  # (K, C, H, W): x^0, in the order of their index
         self.register_fitted("table")  # (K, N + 1, C, H, W): x^n in model range
         self.register_fitted("precompute_seconds")  # scalar: the embedding's compute time
-        self._interval: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ the base SDE
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,22 +131,14 @@ class FPEmbeddingProcess(SDE):
     def num_images(self) -> int:
         return int(self.images.shape[0])
 
-    def image_index(self, x0: torch.Tensor) -> torch.Tensor:
-        """The embedded image each example is (B,), by exact match to the fitted x^0."""
-        if self.images.numel() == 0:
-            raise ConfigError("the FP embedding is not fitted: call process.fit(training images)")
-        distance = torch.cdist(x0.flatten(1).double(), self.images.flatten(1).double())
-        best, index = distance.min(dim=1)
-        if bool((best > 1e-4 * x0[0].numel() ** 0.5).any()):
-            raise ConfigError(
-                "an example is not one of the embedded training images: the FP embedding is "
-                "computed per training image (process.fit) and serves only those"
-            )
-        return index
-
     def mean(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x^n(x0) at t, linear between the grid times n / N."""
-        return self.table_at(self.image_index(x0), t)
+        """Not a function of x0 alone: the mean is the table of the example's image, read by
+        its index (:meth:`table_at`)."""
+        raise ConfigError(
+            "the FP embedding's mean is a per-image table read by each example's image index "
+            "(process.table_at(index, t)): train it with method=fp_embedding, which reads the "
+            "index from the batch"
+        )
 
     def table_at(self, index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The table of images ``index`` (B,) at times t (B,), interpolated linearly."""
@@ -155,30 +149,24 @@ class FPEmbeddingProcess(SDE):
         arange = torch.arange(len(index), device=index.device)
         return (1 - frac) * rows[arange, lower] + frac * rows[arange, lower + 1]
 
-    def sample_marginal(
-        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        return self.mean(x0, t) + append_dims(self.std(t), x0.ndim) * noise
+    def perturb(self, index: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = x^n + lambda(t) z for examples of images ``index`` (B,), lambda = sigma of the
+        base SDE (eq. 24's input)."""
+        return self.table_at(index, t) + append_dims(self.std(t), noise.ndim) * noise
 
     def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mean(x0, t), self.std(t)
 
-    # ------------------------------------------------------------------ intervals and labels
-    @contextlib.contextmanager
-    def intervals(self, index: torch.Tensor) -> Iterator[None]:
-        """Within this block, example b belongs to image ``index[b]``: with
-        ``separate_intervals`` the network's time label is index + t (sec. 4.4)."""
-        previous, self._interval = self._interval, index
-        try:
-            yield
-        finally:
-            self._interval = previous
-
-    def noise_label(self, t: torch.Tensor) -> torch.Tensor:
-        """t, or with ``separate_intervals`` inside :meth:`intervals`, k + t for image k."""
-        if self.separate_intervals and self._interval is not None:
-            return t + self._interval.to(t)
-        return t
+    # ------------------------------------------------------------------ labels
+    def noise_label(self, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's label at times t (B,) for examples of images ``index`` (B,): t, or with
+        ``separate_intervals`` index + t (sec. 4.4). Without ``index``, example b is sample b,
+        image b mod K (:meth:`sample_images`), as in :meth:`prior_sampling`."""
+        if not self.separate_intervals:
+            return t
+        if index is None:
+            index = self.sample_images(len(t)).to(t.device)
+        return t + index.to(t)
 
     def prior_sampling(
         self,
@@ -272,6 +260,23 @@ class FPEmbeddingProcess(SDE):
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         digest.update(np.ascontiguousarray(image).tobytes())
         return digest.hexdigest()[:20]
+
+
+class ImageScoreModel(ScoreModel):
+    """``model``'s network for examples of the embedded images ``index`` (B,): its label is
+    :meth:`FPEmbeddingProcess.noise_label` of those images (index + t with
+    ``separate_intervals``, sec. 4.4), the network and parameterisation are ``model``'s."""
+
+    def __init__(self, model: ScoreModel, index: torch.Tensor) -> None:
+        if not isinstance(model.process, FPEmbeddingProcess):
+            raise ConfigError("an image score model needs process=fp_embedding")
+        super().__init__(model.network, model.process, model.parameterization)
+        self.index = index
+
+    def label(self, t: torch.Tensor) -> torch.Tensor:
+        if self._per_level:
+            return super().label(t)
+        return self.process.noise_label(t, self.index)
 
 
 def distinct_in_order(data: torch.Tensor) -> torch.Tensor:
