@@ -26,7 +26,8 @@ same weights, the stochastic reverse-diffusion sampler of the VE SDE, 1000 steps
 and the weight 1/2: the recipe under which the framework's VE Score SDE learns this image).
 
 The loop is the script's own (so that one trained DDPM serves both samplers, and the clock can
-stop exactly): each step is the method's ``batch_loss``, backward, clipping, Adam; the clock runs
+stop exactly): each step is the method's loss (``images_loss`` of the batch's images and image
+indices for the FP arms, ``batch_loss`` for DDPM), backward, clipping, Adam; the clock runs
 over the steps only (evaluation excluded) and starts with the FP precomputation already on it (the
 embedding is computed in the run, uncached, and its seconds counted: the paper's "total training
 time"). Every ``--eval-every`` steps, ``--samples`` outputs are drawn (seeded: the same noise each
@@ -166,7 +167,7 @@ def train_one(arm: str, setting: str, seed: int, max_steps: int, eval_every: int
     start = time.perf_counter()
     try:
         if method.process.needs_fit:
-            method.process.fit(method.to_model_range(images))
+            method.process.fit(method.to_model_range(train_x))  # in the order of their index
     except FixedPointError as exc:  # the printed matrix: a finding, not a crash
         curve: list[dict] = []
         return {"arm": arm, "setting": setting, "seed": seed, "failed": str(exc), "curve": curve,
@@ -192,13 +193,13 @@ def train_one(arm: str, setting: str, seed: int, max_steps: int, eval_every: int
             break
         tick = time.perf_counter()
         try:
-            x = next(batches)[0]
+            x, index = next(batches)
         except StopIteration:
             batches = iter(loader)
-            x = next(batches)[0]
+            x, index = next(batches)
         method.train()
         x = method.to_model_range(x)
-        loss = method.batch_loss(x, step=step) if arm != "ddpm" else method.batch_loss(x)
+        loss = method.images_loss(x, index, step) if arm != "ddpm" else method.batch_loss(x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(method.model.network.parameters(), 1.0)
