@@ -1,11 +1,13 @@
 """``python -m diffusion_lab.soft_schedule [--out PATH] [Hydra overrides]``: Soft Diffusion blur levels.
 
-Composes the project's config with ``process=soft_blur`` and the overrides (e.g. ``data=digits
-data.image_size=16 process.blur_max=8``, ``blur_schedule=soft_mse_matched``), computes the levels of its
-``blur_schedule`` (:mod:`diffusion_lab.schedules.soft`) from the training split, with a progress
-bar over the bisection on eps, and writes them with their settings and the data's hash to a JSON
-file: ``--out`` or the cache file that runs with the same settings and data reuse. Prints the
-levels and the override that reads the file (``blur_schedule.file=PATH``).
+Composes the project's config for a Soft Diffusion blur run (``process=soft_blur method=soft``,
+:data:`SOFT_RUN`, unless an ``+experiment`` is given) and the overrides (e.g. ``data=digits
+data.image_size=16 process.blur_max=8``, ``process/blur_schedule=soft_mse_matched``), builds the
+run's data and method (``diffusion_lab.build``) and fits the process to the training images a run
+fits it to (:func:`fit_examples`), with a progress bar over the bisection on eps. Its levels, with
+their settings and the images' hash, are in a JSON file: the cache file that runs fitting the same
+images with the same settings reuse, or ``--out``. Prints the levels and, for ``--out``, the
+override that reads the file (``process.blur_schedule.file=PATH``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,42 @@ import argparse
 import json
 import logging
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+import lightning as L
+import torch
+from omegaconf import open_dict
 
+from diffusion_lab.build import build_datamodule, build_method
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.methods.base import MAX_FIT_EXAMPLES
+from diffusion_lab.processes.corruption import SoftBlurProcess
 from diffusion_lab.run import config_dir, one_line_errors
-from diffusion_lab.schedules.soft import BlurSchedule, resolve_schedule, save_schedule
+from diffusion_lab.schedules.soft import BlurSchedule, save_schedule
+from diffusion_lab.schema import check_config, compose_config
+
+#: The groups of a Soft Diffusion blur run, which the overrides complete.
+SOFT_RUN = {"process": "soft_blur", "method": "soft", "loss": "soft_score_matching",
+            "sampler": "soft_momentum"}  # fmt: skip
+
+
+def soft_run_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` after the :data:`SOFT_RUN` groups they do not choose (none with an
+    ``+experiment``, which chooses its own): the run whose process the levels are for."""
+    if any(o.startswith("+experiment=") for o in overrides):
+        return list(overrides)
+    chosen = {o.split("=", 1)[0] for o in overrides}
+    return [f"{g}={o}" for g, o in SOFT_RUN.items() if g not in chosen] + list(overrides)
+
+
+def fit_examples(method: L.LightningModule, datamodule: L.LightningDataModule) -> torch.Tensor:
+    """The training examples, in model range, that a fresh run of ``method`` fits its process to
+    (``DiffusionMethod.on_fit_start``): at most ``MAX_FIT_EXAMPLES`` of the training split, in
+    their order, chosen by a generator seeded by ``method.sample_seed``."""
+    dataset = datamodule.dataset("train")
+    generator = torch.Generator().manual_seed(method.sample_seed)
+    order = torch.randperm(len(dataset), generator=generator)[:MAX_FIT_EXAMPLES]
+    items = [dataset[int(i)] for i in order.sort().values]
+    x = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
+    return method.to_model_range(x)
 
 
 def main(argv: list[str] | None = None) -> BlurSchedule:
@@ -30,20 +63,23 @@ def main(argv: list[str] | None = None) -> BlurSchedule:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with one_line_errors():
-        overrides = args.overrides
-        if not any(o.startswith("process=") for o in overrides):
-            overrides = ["process=soft_blur", *overrides]  # the process whose levels these are
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        node = OmegaConf.to_container(cfg.blur_schedule, resolve=False)
-        node = OmegaConf.to_container(
-            OmegaConf.merge(cfg, {"blur_schedule": node}).blur_schedule, resolve=True
-        )
-        for key in ("_target_", "_recursive_"):
-            node.pop(key, None)
-        if args.out:
-            node["file"] = None  # compute (or reuse the cache), then write --out
-        schedule, path = resolve_schedule(**node, progress=not args.no_progress)
+        cfg = compose_config(config_dir(), soft_run_overrides(args.overrides))
+        with open_dict(cfg):
+            cfg.run_dir = ""
+        check_config(cfg)
+        datamodule, _ = build_datamodule(cfg)
+        method = build_method(cfg, [])
+        process = method.process
+        if not isinstance(process, SoftBlurProcess):
+            raise ConfigError(
+                f"soft_schedule computes the levels of process=soft_blur, got "
+                f"{type(process).__name__}: drop the process override"
+            )
+        data = None
+        if process.blur_schedule.needs_data:
+            datamodule.prepare_data()
+            data = fit_examples(method, datamodule)
+        schedule, path = process.find_levels(data, progress=not args.no_progress)
         if args.out:
             path = save_schedule(args.out, schedule)
     print(f"name: {schedule.name}")
@@ -53,7 +89,8 @@ def main(argv: list[str] | None = None) -> BlurSchedule:
             print(f"{key}: {schedule.info[key]}")
     if path is not None:
         print(f"file: {path}")
-        print(f"override: blur_schedule.file={path}")
+    if args.out:
+        print(f"override: process.blur_schedule.file={path}")
     return schedule
 
 

@@ -58,7 +58,7 @@ CPU_SCHEDULE = ["optimizer.lr=1e-3", "method.warmup_steps=100", "callbacks.ema.d
 MODELS = {
     "soft": SOFT,
     "cold": [*SOFT, "loss=cold"],
-    "mse": [*SOFT, "blur_schedule=soft_mse_matched"],
+    "mse": [*SOFT, "process/blur_schedule=soft_mse_matched"],
     "ve": VE,
 }
 NFE_STEPS = [10, 35, 70, 140, 280]

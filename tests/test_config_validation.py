@@ -114,7 +114,7 @@ def test_every_config_option_fits_the_schema():
     """Each option of each group (experiments with their offline overrides) passes the schema."""
     conf = Path(config_dir())
     for group in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "hydra"):
-        for option in sorted(group.glob("*.yaml")):
+        for option in sorted(group.rglob("*.yaml")):  # process/blur_schedule/ too
             if group.name == "experiment":
                 offline = [
                     line
@@ -129,8 +129,8 @@ def test_every_config_option_fits_the_schema():
                 overrides = ["data=toy2d", "network=mlp"]
             elif group.name == "schedule" and not option.stem.startswith("beta"):
                 overrides = ["process=ve", f"schedule={option.stem}"]
-            elif group.name == "blur_schedule":  # chosen by the soft blur process
-                overrides = ["process=soft_blur", f"blur_schedule={option.stem}"]
+            elif option.parent.name == "blur_schedule":  # the soft blur process's settings
+                overrides = ["process=soft_blur", f"process/blur_schedule={option.stem}"]
             else:
                 overrides = [f"{group.name}={option.stem}"]
             cfg = compose_config(str(conf), overrides)

@@ -26,7 +26,9 @@ PROCESS_CONFIGS = sorted(path.stem for path in (CONF / "process").glob("*.yaml")
 @functools.cache
 def process_from_config(name: str) -> ForwardProcess:
     """The process a run builds from ``process=NAME`` (soft_blur with its data-free levels)."""
-    overrides = [f"process={name}"] + (["blur_schedule=soft_linear"] if name == "soft_blur" else [])
+    overrides = [f"process={name}"] + (
+        ["process/blur_schedule=soft_linear"] if name == "soft_blur" else []
+    )
     with initialize_config_dir(str(CONF), version_base=None):
         return instantiate(compose("config", overrides=overrides).process)
 

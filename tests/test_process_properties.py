@@ -44,7 +44,7 @@ GAUSS_NODES, GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(8)
 @functools.cache
 def process_from_config(name: str, schedule: str | None = None) -> ForwardProcess:
     overrides = [f"process={name}"] + ([f"schedule={schedule}"] if schedule else [])
-    overrides += ["blur_schedule=soft_linear"] if name == "soft_blur" else []
+    overrides += ["process/blur_schedule=soft_linear"] if name == "soft_blur" else []
     with initialize_config_dir(str(CONF), version_base=None):
         return instantiate(compose("config", overrides=overrides).process)
 

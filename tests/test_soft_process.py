@@ -3,6 +3,7 @@ direct zero-padded 2-D convolution, the masks, the adjoints, the marginals of x_
 noise / blur stages, the fitted prior through a checkpoint, and the Hydra configs."""
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ from diffusion_lab.operators import (
 from diffusion_lab.processes.corruption import SoftBlurProcess, SoftMaskProcess
 from diffusion_lab.samplers.base import check_sampler
 from diffusion_lab.samplers.ddim import ddim
+from diffusion_lab.schedules.soft import (
+    BlurScheduleSettings,
+    gaussian_blur,
+    linear_levels,
+    wasserstein_path_levels,
+)
 from diffusion_lab.schema import check_tree, compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -217,7 +224,9 @@ def test_given_blur_levels_are_placed_at_equal_t_and_interpolated_linearly():
     midpoints = (at[1:] + at[:-1]) / 2
     expected = (torch.tensor(levels[1:]) + torch.tensor(levels[:-1])).to(F64) / 2
     torch.testing.assert_close(process.blur_std(midpoints), expected)
-    geometric = SoftBlurProcess(blur_spacing="geometric", num_blur_levels=5, blur_max=100.0)
+    geometric = SoftBlurProcess(
+        blur_schedule={"method": "geometric", "num_levels": 5}, blur_max=100.0
+    )
     torch.testing.assert_close(
         geometric.levels, torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0], dtype=F64)
     )
@@ -244,7 +253,10 @@ def test_levels_are_n_times_in_zero_one():
     [({"noise_fraction": 0.0}, "noise_fraction"), ({"noise_fraction": 1.0}, "noise_fraction"),
      ({"prior": "gaussian"}, "prior"), ({"blur_levels": [1.0]}, "blur_levels"),
      ({"blur_levels": [0.0, 2.0]}, "blur_levels"), ({"blur_method": "direct"}, "blur_method"),
-     ({"blur_spacing": "cosine"}, "blur_spacing"), ({"sigma_min": 0.2}, "sigma_min"),
+     ({"blur_schedule": {"method": "cosine"}}, "blur_schedule.method"),
+     ({"blur_schedule": {"num_levels": 1}}, "blur_schedule.num_levels"),
+     ({"blur_schedule": {"levels": 3}}, "blur_schedule has no key levels"),
+     ({"sigma_min": 0.2}, "sigma_min"),
      ({"conditioning": "sigma"}, "conditioning")],
 )  # fmt: skip
 def test_bad_values_stop_with_one_line_naming_the_key(kwargs, key):
@@ -273,13 +285,37 @@ def test_the_fitted_prior_travels_in_the_state_dict(name, prior):
     trained.fit(_training_images())
     state = trained.state_dict()
     assert {"prior_colour_mean", "prior_colour_chol", "prior_bank"} <= set(state)
-    assert "levels" not in state  # the schedule comes from the config, not the checkpoint
+    assert torch.equal(state["levels"], trained.levels)  # the checkpoint keeps the schedule
     fresh = PROCESSES[name](prior=prior, prior_bank_size=50)
     fresh.load_state_dict(state)
     draws = [p.prior_sampling((6, 3, 16, 16), generator=_generator(9)) for p in (trained, fresh)]
     assert torch.equal(draws[0], draws[1]) and draws[0].shape == (6, 3, 16, 16)
     with pytest.raises(ConfigError, match="fitted to images of shape"):
         fresh.prior_sampling((2, 1, 16, 16))
+
+
+def test_fitted_blur_levels_are_the_path_of_the_first_images_and_travel_in_the_state_dict(
+    tmp_path, monkeypatch
+):
+    """A Wasserstein schedule is found by fit from the first num_images images (the path of
+    ``schedules.soft`` on them) and loaded into a fresh process with no data and no cache."""
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path))
+    settings = {"method": "wasserstein", "num_levels": 6, "num_candidates": 24, "num_images": 50}
+    build = partial(SoftBlurProcess, kernel_half_size=12, blur_max=6.0, blur_schedule=settings)
+    data = _training_images(80)
+    trained = build()
+    trained.fit(data)
+    blur = partial(gaussian_blur, half_size=12)
+    expected, _ = wasserstein_path_levels(data[:50].double(), blur, 6, 0.01, 6.0, 24)
+    assert trained.levels.tolist() == expected and len(expected) == 6
+    fresh = build()
+    with pytest.raises(ConfigError, match="no process.blur_levels yet"):
+        fresh.mean(data[:2], torch.ones(2))
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path / "empty"))
+    fresh.load_state_dict(trained.state_dict())
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    assert torch.equal(fresh.blur_std(t), trained.blur_std(t))
+    assert not (tmp_path / "empty").exists()
 
 
 def test_the_mean_colour_prior_matches_the_data_colours():
@@ -347,14 +383,15 @@ def test_the_processes_build_from_their_configs(group, cls):
     assert process.noise_fraction == 0.15 and process.sigma_max == 0.1
     with pytest.raises(ConfigError, match="is not one"):  # the SDE samplers are refused
         check_sampler(ddim, process)
-    if cls is SoftBlurProcess:
-        assert process.kernel_half_size == 80 and float(process.levels[-1]) == 23.0
+    if cls is SoftBlurProcess:  # the Wasserstein path, found by fit: no levels before it
+        assert process.kernel_half_size == 80 and process.levels.numel() == 0
+        assert process.blur_schedule == BlurScheduleSettings(method="wasserstein")
         cifar = instantiate(
-            _compose(
-                ["process=soft_blur", "process.kernel_half_size=32", "process.blur_max=18.0"]
-            ).process
-        )
+            _compose(["process=soft_blur", "process.kernel_half_size=32", "process.blur_max=18.0",
+                      "process/blur_schedule=soft_linear"]).process
+        )  # fmt: skip
         assert cifar.kernel_half_size == 32 and float(cifar.blur_std(torch.ones(1))) == 18.0
+        assert cifar.levels.tolist() == linear_levels(32, 0.01, 18.0)
 
 
 def test_a_bad_config_value_stops_at_the_schema():

@@ -4,20 +4,22 @@ path search's independence of float noise (the distances' last bits, the summati
 
 import itertools
 import json
+import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from omegaconf import OmegaConf
+from omegaconf import open_dict
 
 from diffusion_lab.build import instantiate
 from diffusion_lab.data.digits import load_digits_arrays
 from diffusion_lab.schedules import soft
+from diffusion_lab.schema import compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -370,44 +372,119 @@ def test_saved_schedule_round_trips(tmp_path, digits16):
 
 
 def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    cfg = compose_config(str(CONF), overrides)
+    with open_dict(cfg):
+        cfg.run_dir = ""
+    return cfg
 
 
-def test_each_blur_schedule_config_instantiates_to_a_list_of_floats_and_is_cached():
-    common = ["process=soft_blur", "data=digits", "data.image_size=16", "process.blur_max=8.0",
-              "process.num_blur_levels=12"]  # fmt: skip
-    data_driven = ["blur_schedule.num_images=100"]
-    extra = {"soft_wasserstein": [*data_driven, "blur_schedule.num_candidates=64"],
-             "soft_mse_matched": data_driven, "soft_linear": []}  # fmt: skip
-    for name in ("soft_wasserstein", "soft_mse_matched", "soft_linear"):
-        cfg = _compose([f"blur_schedule={name}", *common, *extra[name]])
-        levels = instantiate(cfg.process).levels.tolist()  # the process reads the schedule
-        assert isinstance(levels, list) and all(isinstance(v, float) for v in levels)
-        assert len(levels) == 12 and levels[0] == 0.01 and levels[-1] == 8.0
-        schedule, path = soft.resolve_schedule(
-            **{k: v for k, v in OmegaConf.to_container(cfg.blur_schedule, resolve=True).items()
-               if not k.startswith("_")}
-        )  # fmt: skip
-        assert schedule.levels == levels
-        assert (path is None) == (name == "soft_linear") and (path is None or path.is_file())
+COMMON = ["method=soft", "loss=soft_score_matching", "sampler=soft_momentum", "data=digits",
+          "data.image_size=16", "process.blur_max=8.0", "process.blur_schedule.num_levels=12",
+          "process.blur_schedule.num_images=100"]  # fmt: skip
 
 
-def test_the_cli_writes_a_file_that_the_config_reads(tmp_path, capsys):
-    from diffusion_lab.soft_schedule import main
+def _digits_in_model_range(cfg):
+    """The training digits a run fits its process to (the CLI's own selection)."""
+    from diffusion_lab.build import build_datamodule, build_method
+    from diffusion_lab.soft_schedule import fit_examples
 
+    datamodule, _ = build_datamodule(cfg)
+    return fit_examples(build_method(cfg, []), datamodule)
+
+
+@pytest.mark.parametrize("option", ["soft_wasserstein", "soft_mse_matched", "soft_linear"])
+def test_each_blur_schedule_option_gives_levels_when_built_or_fitted_and_caches_by_data_hash(
+    option, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path))
+    extra = ["process.blur_schedule.num_candidates=64"] if option == "soft_wasserstein" else []
+    cfg = _compose(["process=soft_blur", f"process/blur_schedule={option}", *COMMON, *extra])
+    process = instantiate(cfg.process)
+    data = _digits_in_model_range(cfg)
+    if option == "soft_linear":  # data-free: set when built, nothing cached
+        assert process.levels.tolist() == soft.linear_levels(12, 0.01, 8.0)
+    else:
+        assert process.levels.numel() == 0
+        with pytest.raises(soft.ConfigError, match="no process.blur_levels yet"):
+            process.blur_std(torch.ones(1))
+    process.fit(data)
+    levels = process.levels.tolist()
+    assert len(levels) == 12 and levels[0] == 0.01 and levels[-1] == 8.0
+    assert levels == sorted(levels)
+    files = list((tmp_path / "blur_schedules").glob("*.json"))
+    if option == "soft_linear":
+        assert not files
+        return
+    (file,) = files
+    saved = soft.load_schedule(file)
+    assert saved.levels == levels and saved.data_hash == soft.data_hash(data[:100].double())
+    method = option.removeprefix("soft_")
+    direct = soft.compute_schedule(method, data[:100].double(), partial(soft.gaussian_blur,
+                                   half_size=80), num_levels=12, blur_max=8.0,
+                                   num_candidates=64)  # fmt: skip
+    assert direct.levels == levels  # the cache holds what the scheduler computes
+    # The key is the images' hash: the same digits reuse the file, other images do not.
+    edited = soft.load_schedule(file)
+    edited.levels[0] = 0.005
+    soft.save_schedule(file, edited)
+    again = instantiate(cfg.process)
+    again.fit(data)
+    assert float(again.levels[0]) == 0.005  # read from the (edited) cache file
+    other = instantiate(cfg.process)
+    other.fit(data.flip(0))
+    assert float(other.levels[0]) == 0.01
+    assert len(list((tmp_path / "blur_schedules").glob("*.json"))) == 2
+
+
+def test_the_cli_fits_the_images_a_run_fits_and_writes_a_file_that_the_config_reads(
+    tmp_path, capsys, monkeypatch
+):
+    from diffusion_lab.soft_schedule import main, soft_run_overrides
+
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "levels.json"
     overrides = ["data=digits", "data.image_size=16", "process.blur_max=8.0",
-                 "blur_schedule.num_images=100", "blur_schedule.num_candidates=64",
-                 "process.num_blur_levels=10"]  # fmt: skip
+                 "process.blur_schedule.num_images=100", "process.blur_schedule.num_candidates=64",
+                 "process.blur_schedule.num_levels=10"]  # fmt: skip
     schedule = main(["--no-progress", "--out", str(out), *overrides])
-    assert f"blur_schedule.file={out}" in capsys.readouterr().out
+    assert f"process.blur_schedule.file={out}" in capsys.readouterr().out
+    cfg = _compose(soft_run_overrides(overrides))
+    assert schedule.data_hash == soft.data_hash(_digits_in_model_range(cfg)[:100].double())
+    # A run's fit with the same images and settings finds the CLI's cache file.
+    (cached,) = (tmp_path / "cache" / "blur_schedules").glob("*.json")
+    assert soft.load_schedule(cached).levels == schedule.levels
+    cached.write_text(cached.read_text().replace(json.dumps(schedule.levels[0]), "0.005", 1))
+    process = instantiate(cfg.process)
+    process.fit(_digits_in_model_range(cfg))
+    assert process.levels.tolist() == [0.005, *schedule.levels[1:]]  # read, not recomputed
+    cfg = _compose(soft_run_overrides([*overrides, f"process.blur_schedule.file={out}",
+                                       "process.blur_schedule.num_images=50"]))  # fmt: skip
+    process = instantiate(cfg.process)
+    process.fit(_digits_in_model_range(cfg))
+    assert process.levels.tolist() == schedule.levels  # the file, not the (other) images
     cfg = _compose(
-        ["process=soft_blur", *overrides, f"blur_schedule.file={out}", "data.image_size=8"]
-    )
-    assert instantiate(cfg.blur_schedule) == schedule.levels  # the file, not the data
-    cfg = _compose(
-        ["process=soft_blur", *overrides, f"blur_schedule.file={out}", "process.blur_max=9.0"]
+        soft_run_overrides(
+            [*overrides, f"process.blur_schedule.file={out}", "process.blur_max=9.0"]
+        )
     )
     with pytest.raises(soft.ConfigError, match="blur_max"):
-        instantiate(cfg.blur_schedule)
+        instantiate(cfg.process).fit(_digits_in_model_range(cfg))
+
+
+def test_the_cli_refuses_a_process_without_blur_levels(capsys):
+    from diffusion_lab.soft_schedule import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--no-progress", "process=vp"])
+    assert stop.value.code == 2 and "process=soft_blur" in capsys.readouterr().err
+
+
+def test_bad_blur_schedule_settings_stop_with_one_line_naming_the_key():
+    for overrides, message in [
+        (["process.blur_schedule.method=cosine"], "process.blur_schedule.method must be one of"),
+        (["process.blur_schedule.num_levels=1"], "process.blur_schedule.num_levels must be"),
+        (["+process.blur_schedule.num_levls=3"], "did you mean process.blur_schedule.num_levels"),
+        (["process.blur_schedule.num_candidates=8"], "num_candidates (8) must be at least"),
+    ]:
+        with pytest.raises(soft.ConfigError, match=re.escape(message)):
+            instantiate(_compose(["process=soft_blur", *overrides]).process)

@@ -13,7 +13,9 @@ to the training data (:meth:`SoftCorruption.fit`).
 from __future__ import annotations
 
 import abc
-import math
+import logging
+from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,14 @@ from diffusion_lab.operators import (
 )
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes.sde import SDE
+from diffusion_lab.schedules.soft import (
+    BlurSchedule,
+    BlurScheduleSettings,
+    fit_schedule,
+    gaussian_blur,
+)
+
+log = logging.getLogger("diffusion_lab")
 
 
 class LinearCorruption(ForwardProcess):
@@ -92,7 +102,9 @@ class SoftCorruption(LinearCorruption):
     - corruption stage t in (f, 1]: sigma_t = sigma_max while the level (a blur std, an observed
       fraction) follows ``levels``: K values placed at equal t, t_k = f + k (1 - f) / (K - 1),
       interpolated linearly in t (App. C: "we then use linear interpolation to extend to the
-      continuous case"; the scheduler of sec. 3.3 produces such a list).
+      continuous case"; the scheduler of sec. 3.3 produces such a list). ``levels`` is a fitted
+      buffer (``register_fitted``), so checkpoints carry it: given to the constructor, or None
+      for a subclass that computes it in :meth:`fit` from the training data.
 
     f = 0.15 by default: the paper says only that the noise stage takes "less than 20% of the
     total time" (sec. 4); 0.15 is the largest round value clearly below that bound, giving the
@@ -102,7 +114,7 @@ class SoftCorruption(LinearCorruption):
     smallest noise, as the VE SDE's x(0) does here.
 
     The network is conditioned on t (``native_conditioning = "time"``): sigma is constant over
-    the corruption stage, so it cannot tell the levels apart (PITFALLS). ``level_times()``: the
+    the corruption stage, so it cannot tell the levels apart. ``level_times()``: the
     N = ``num_steps`` times k / N, k = 1..N, in (0, 1] (1/N is the cleanest level; samplers
     append t = 0). ``provides`` is ``linear_mean`` and ``noisy_at_zero`` only: these are not
     SDEs with Gaussian marginals alpha(t) x0 + sigma(t) z, so SDE samplers (DDIM, PC, ancestral, ...) are refused
@@ -130,7 +142,7 @@ class SoftCorruption(LinearCorruption):
 
     def __init__(
         self,
-        levels: list[float],
+        levels: list[float] | None,
         num_steps: int = 1000,
         sigma_min: float = 0.01,
         sigma_max: float = 0.1,
@@ -151,15 +163,20 @@ class SoftCorruption(LinearCorruption):
             raise ConfigError(f"process.prior must be one of {SOFT_PRIORS}, got {prior!r}")
         if prior_bank_size < 1:
             raise ConfigError(f"process.prior_bank_size must be at least 1, got {prior_bank_size}")
-        levels = [float(v) for v in levels]
-        if len(levels) < 2:
-            raise ConfigError(f"{self._levels_key} needs at least 2 values, got {levels}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.noise_fraction = float(noise_fraction)
         self.prior, self.prior_bank_size = prior, int(prior_bank_size)
-        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float64), persistent=False)
-        for name in ("prior_colour_mean", "prior_colour_chol", "prior_bank"):
+        for name in ("levels", "prior_colour_mean", "prior_colour_chol", "prior_bank"):
             self.register_fitted(name)
+        if levels is not None:
+            self.set_levels(levels)
+
+    def set_levels(self, levels: list[float]) -> None:
+        """Store ``levels`` (at least 2 values) in the ``levels`` buffer, float64."""
+        levels = [float(v) for v in levels]
+        if len(levels) < 2:
+            raise ConfigError(f"{self._levels_key} needs at least 2 values, got {levels}")
+        self.levels = torch.tensor(levels, dtype=torch.float64)
 
     _levels_key = "process levels"
 
@@ -170,6 +187,11 @@ class SoftCorruption(LinearCorruption):
     def level(self, t: torch.Tensor) -> torch.Tensor:
         """The corruption level at t (shape (B,)): ``levels[0]`` over the noise stage, then the
         linear interpolation of ``levels`` placed at equal t across (f, 1]."""
+        if self.levels.numel() == 0:
+            raise ConfigError(
+                f"{type(self).__name__} has no {self._levels_key} yet: fit it to training data "
+                "(process.fit, done at the start of training) or load a checkpoint of a fitted run"
+            )
         levels = self.levels.to(device=t.device, dtype=torch.float64)
         k = len(levels)
         u = ((t.to(torch.float64) - self.noise_fraction) / (1 - self.noise_fraction)).clamp(0, 1)
@@ -187,8 +209,7 @@ class SoftCorruption(LinearCorruption):
 
     def operator(self, t: torch.Tensor) -> LinearOperator:
         """C_t for per-example times t (shape (B,)); its ``apply(x)`` acts on each example with
-        its own time. (The issue's ``apply(x, t)`` is this ``operator(t).apply(x)``: the process
-        maps times to levels, the operator knows nothing of time.)"""
+        its own time (the process maps times to levels, the operator knows nothing of time)."""
         return self.operator_at_level(self.level(t))
 
     def level_times(self) -> torch.Tensor:
@@ -264,16 +285,18 @@ class SoftBlurProcess(SoftCorruption):
     ``kernel_half_size`` (Daras et al. App. D: 80 for CelebA-64, 32 for CIFAR-10; blur std
     from ``blur_min`` = 0.01, the identity, to ``blur_max`` = 23 for CelebA-64, 18 for CIFAR-10).
 
-    ``blur_levels``: the blur stds placed at equal t across the blur stage (a found schedule,
-    sec. 3.3); by default ``num_blur_levels`` values spaced ``blur_spacing`` from blur_min to
-    blur_max. Linear by default: below std 0.3 the sampled kernel is nearly the identity (at
-    0.3 a neighbour tap weighs exp(-1 / (2 * 0.09)) = 0.4% of the centre), so geometric spacing
+    The blur stds placed at equal t across the blur stage: ``blur_levels`` if given, else those
+    of the ``blur_schedule`` settings (``schedules.soft.BlurScheduleSettings``, linear by
+    default), from blur_min to blur_max. A data-free schedule (``linear``, ``geometric``) is set
+    here; a data-driven one (``wasserstein``: the shortest Wasserstein path, sec. 3.3 and App.
+    C; ``mse_matched``: App. F.1.2, eq. 45) by :meth:`fit`, from the training images in model
+    range, into the fitted ``levels`` buffer: a checkpoint then samples with no data and no
+    cache. Linear by default: below std 0.3 the sampled kernel is nearly the identity (at 0.3
+    a neighbour tap weighs exp(-1 / (2 * 0.09)) = 0.4% of the centre), so geometric spacing
     from 0.01 would spend about 40% of the blur stage (14 of 32 levels to std 23) on blurs too
-    small to see, while
-    linear spacing gives equal t to equal increments of std. ``blur_spacing="geometric"`` is
-    there for comparison. With linear spacing, linear interpolation makes b_t exactly linear
-    in t over the blur stage, whatever ``num_blur_levels``. See :class:`SoftCorruption` for the
-    noise, the stages, the conditioning and the prior.
+    small to see, while linear spacing gives equal t to equal increments of std, and with linear
+    interpolation b_t exactly linear in t over the blur stage, whatever the number of levels.
+    See :class:`SoftCorruption` for the noise, the stages, the conditioning and the prior.
     """
 
     _levels_key = "process.blur_levels"
@@ -288,37 +311,20 @@ class SoftBlurProcess(SoftCorruption):
         blur_min: float = 0.01,
         blur_max: float = 23.0,
         blur_levels: list[float] | None = None,
-        num_blur_levels: int = 32,
-        blur_spacing: str = "linear",
+        blur_schedule: BlurScheduleSettings | None = None,
         blur_method: str | None = None,
         prior: str = "mean_colour",
         prior_bank_size: int = 1024,
         conditioning: str | None = None,
     ) -> None:
-        if blur_levels is None:
-            if not 0 < blur_min <= blur_max:
-                raise ConfigError(
-                    f"process.blur_min and blur_max must satisfy 0 < blur_min <= blur_max, "
-                    f"got {blur_min} and {blur_max}"
-                )
-            if num_blur_levels < 2:
-                raise ConfigError(
-                    f"process.num_blur_levels must be at least 2, got {num_blur_levels}"
-                )
-            if blur_spacing == "linear":
-                blur_levels = torch.linspace(
-                    blur_min, blur_max, num_blur_levels, dtype=torch.float64
-                ).tolist()
-            elif blur_spacing == "geometric":
-                blur_levels = torch.logspace(
-                    math.log10(blur_min), math.log10(blur_max), num_blur_levels,
-                    dtype=torch.float64,
-                ).tolist()  # fmt: skip
-            else:
-                raise ConfigError(
-                    f"process.blur_spacing must be 'linear' or 'geometric', got {blur_spacing!r}"
-                )
-        if min(blur_levels) <= 0:
+        if not isinstance(blur_schedule, BlurScheduleSettings):  # a config block (a mapping)
+            blur_schedule = BlurScheduleSettings.from_mapping(blur_schedule or {})
+        if blur_levels is None and not 0 < blur_min <= blur_max:
+            raise ConfigError(
+                f"process.blur_min and blur_max must satisfy 0 < blur_min <= blur_max, "
+                f"got {blur_min} and {blur_max}"
+            )
+        if blur_levels is not None and min(blur_levels, default=1.0) <= 0:
             raise ConfigError(f"process.blur_levels must be positive stds, got {blur_levels}")
         if blur_method not in (None, *BLUR_METHODS):
             raise ConfigError(
@@ -334,6 +340,34 @@ class SoftBlurProcess(SoftCorruption):
         )  # fmt: skip
         self.kernel_half_size = int(kernel_half_size)
         self.blur_method = blur_method
+        self.blur_min, self.blur_max = float(blur_min), float(blur_max)
+        self.blur_schedule = blur_schedule
+        self.levels_fixed = blur_levels is not None or not blur_schedule.needs_data
+        if blur_levels is None and not blur_schedule.needs_data:
+            self.set_levels(self.find_levels(None)[0].levels)
+
+    def find_levels(
+        self, data: torch.Tensor | None, progress: bool = False
+    ) -> tuple[BlurSchedule, Path | None]:
+        """The ``blur_schedule`` schedule for training images ``data`` (model range; None for a
+        data-free method) and the file it was read from or cached in
+        (``schedules.soft.fit_schedule``, with this process's blur, range and sigma_max)."""
+        blur = partial(gaussian_blur, half_size=self.kernel_half_size, method=self.blur_method)
+        return fit_schedule(
+            self.blur_schedule, data, blur, blur_min=self.blur_min, blur_max=self.blur_max,
+            sigma=self.sigma_max, progress=progress,
+            blur_key={"kernel_half_size": self.kernel_half_size, "method": self.blur_method},
+        )  # fmt: skip
+
+    def fit(self, data: torch.Tensor) -> None:
+        """The blur levels of a data-driven ``blur_schedule`` from the first
+        ``blur_schedule.num_images`` of ``data`` (N, C, H, W; model range), then the prior
+        (:meth:`SoftCorruption.fit`, whose bank is blurred with the last of them)."""
+        if not self.levels_fixed:
+            schedule, path = self.find_levels(data)
+            self.set_levels(schedule.levels)
+            log.info("blur schedule %s: %d levels (%s)", schedule.name, len(schedule.levels), path)
+        super().fit(data)
 
     def blur_std(self, t: torch.Tensor) -> torch.Tensor:
         """b_t, the blur std at t (shape (B,))."""

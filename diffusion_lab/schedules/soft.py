@@ -1,10 +1,12 @@
 """Blur levels for Soft Diffusion's blur stage (Daras et al. sec. 3.3, App. C, App. F.1.2).
 
 In the blur stage the noise is constant (sigma = 0.1) and the blur std grows from ``blur_min``
-(0.01: the identity) to ``blur_max`` (23 for CelebA-64, 18 for CIFAR-10; App. D). The soft
-process takes the chosen levels as ``blur_levels: list[float]``, placed at equal t across the
-blur stage and interpolated linearly in between (App. C; :func:`interpolate_levels`). Three
-schedulers, each a config of the Hydra group ``conf/blur_schedule/``:
+(0.01: the identity) to ``blur_max`` (23 for CelebA-64, 18 for CIFAR-10; App. D). The soft blur
+process places its levels at equal t across the blur stage and interpolates linearly in between
+(App. C; :func:`interpolate_levels`). It chooses them by its ``blur_schedule`` settings
+(:class:`BlurScheduleSettings`): data-free ones when it is built, the others in its ``fit`` from
+the training images (:func:`fit_schedule`, which caches them by the images' hash), into a buffer
+that checkpoints carry. The schedulers (``method``; the options of ``conf/process/blur_schedule/``):
 
 - ``soft_wasserstein`` (:func:`wasserstein_path_levels`): sec. 3.3's shortest path. Candidate
   levels (256 by default), a distance M between the corrupted distributions of two levels, the
@@ -12,9 +14,11 @@ schedulers, each a config of the Hydra group ``conf/blur_schedule/``:
   to the last candidate that minimises the SUM of the distances (W, not W^2: the Fig. 6 caption;
   with W^2 every subdivision is cheaper, (a + b)^2 > a^2 + b^2, and the path visits every node),
   and eps found by bisection so that the path holds the requested number of levels (32; App. C
-  and the errata in ``shared/papers/README.md``).
+  and App. D).
 - ``soft_mse_matched`` (:func:`mse_matched_levels`): App. F.1.2's baseline, eq. 45.
-- ``soft_linear`` (:func:`linear_levels`): evenly spaced stds, no data needed.
+- ``soft_linear`` (:func:`linear_levels`): evenly spaced stds, no data needed; ``geometric``
+  (no option file: ``process.blur_schedule.method=geometric``) spaces them geometrically, for
+  comparison.
 
 The distance (the paper does not say how it estimates W; it names ott-jax). Two levels i, j of
 the blur stage are x_i = C_i x_0 + sigma eta and x_j = C_j x_0 + sigma eta' with the same sigma.
@@ -30,7 +34,7 @@ candidates from one set of training images. Why this estimator and not W between
   distance between the vectors (C_i x_n)_n, symmetric, with the triangle inequality exact on any
   sample. Exact W2 between two INDEPENDENT sample sets (256 against 256, optimal assignment by
   ``scipy.optimize.linear_sum_assignment``, :func:`sampled_level_distance`) is dominated by
-  sampling noise (PITFALLS): a level's distance to itself came out 2.2 to 3.1, while neighbouring
+  sampling noise: a level's distance to itself came out 2.2 to 3.1, while neighbouring
   candidates are 0.00 to 0.09 apart under M (median 0.02); with such estimates G_eps holds no
   path of small steps. Exact OT on SHARED samples (same x_0 and eta at both levels,
   :func:`empirical_w2`) is at most M (the identity matching is a coupling) and equalled M to four
@@ -142,12 +146,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
+from pydantic import Field
 from scipy.optimize import brentq, linear_sum_assignment
 
+from diffusion_lab.config_types import PositiveFloat, PositiveInt
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.operators import GaussianBlur
 
@@ -156,23 +162,31 @@ log = logging.getLogger("diffusion_lab")
 #: ``blur(x, std) -> x``: a zero-padded Gaussian blur of std ``std`` of a batch (B, C, H, W).
 BlurFn = Callable[[torch.Tensor, float], torch.Tensor]
 
-METHODS = ("wasserstein", "mse_matched", "linear")
-SPACINGS = ("linear", "geometric")
-OBJECTIVES = ("sum", "fewest_levels")
+Method = Literal["wasserstein", "mse_matched", "linear", "geometric"]
+Spacing = Literal["linear", "geometric"]
+Objective = Literal["sum", "fewest_levels"]
+METHODS: tuple[str, ...] = get_args(Method)
+SPACINGS: tuple[str, ...] = get_args(Spacing)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+#: The schedulers that need no training images.
+DATA_FREE = ("linear", "geometric")
 SCHEDULE_FORMAT = 1
 
 
 # --------------------------------------------------------------------------- blur and candidates
 
 
-def gaussian_blur(x: torch.Tensor, std: float, half_size: int | None = None) -> torch.Tensor:
-    """The soft process's blur (``operators.GaussianBlur``, zero padding) of one std for the
-    whole batch: the ``blur(x, std)`` the schedules use by default. ``half_size`` None: H - 1 or
-    W - 1, which with zero padding is the untruncated kernel (taps further out only ever meet the
-    padding). The kernel of std 0.01 is the identity to float precision."""
+def gaussian_blur(
+    x: torch.Tensor, std: float, half_size: int | None = None, method: str | None = None
+) -> torch.Tensor:
+    """The soft process's blur (``operators.GaussianBlur``, zero padding; ``method`` its
+    implementation, None the default) of one std for the whole batch: the ``blur(x, std)`` the
+    schedules use. ``half_size`` None: H - 1 or W - 1, which with zero padding is the untruncated
+    kernel (taps further out only ever meet the padding). The kernel of std 0.01 is the identity
+    to float precision."""
     x = torch.as_tensor(x)
     half = max(x.shape[-2:]) - 1 if half_size is None else int(half_size)
-    return GaussianBlur(torch.full((x.shape[0],), float(std)), half).apply(x)
+    return GaussianBlur(torch.full((x.shape[0],), float(std)), half, method).apply(x)
 
 
 def candidate_blurs(
@@ -186,8 +200,8 @@ def candidate_blurs(
     10 levels between stds 0.16 and 0.20, while linear spacing gave an even path (largest
     neighbour distance: 0.086 linear, 0.077 geometric, both far below the path's eps of 0.25).
     """
-    if not 0 < blur_min < blur_max:
-        raise ConfigError(f"need 0 < blur_min < blur_max, got {blur_min} and {blur_max}")
+    if not 0 < blur_min <= blur_max:
+        raise ConfigError(f"need 0 < blur_min <= blur_max, got {blur_min} and {blur_max}")
     if num < 2:
         raise ConfigError(f"need at least 2 candidate blur levels, got {num}")
     if spacing == "linear":
@@ -731,7 +745,8 @@ def compute_schedule(
     progress: bool = False,
     objective: str = "fewest_levels",
 ) -> BlurSchedule:
-    """Run scheduler ``method`` (wasserstein, mse_matched or linear) and wrap the result."""
+    """Run scheduler ``method`` (wasserstein, mse_matched, linear or geometric) and wrap the
+    result."""
     if method not in METHODS:
         raise ConfigError(f"unknown blur schedule method {method!r}: use {', '.join(METHODS)}")
     settings: dict[str, Any] = {
@@ -740,10 +755,11 @@ def compute_schedule(
         "blur_min": float(blur_min),
         "blur_max": float(blur_max),
     }
-    if method == "linear":
-        return BlurSchedule(
-            name or "soft_linear", linear_levels(num_levels, blur_min, blur_max), settings
-        )
+    if method in DATA_FREE:
+        if num_levels < 2:
+            raise ConfigError(f"need at least 2 blur levels, got {num_levels}")
+        levels = candidate_blurs(blur_min, blur_max, num_levels, method).tolist()
+        return BlurSchedule(name or f"soft_{method}", levels, settings)
     if x0 is None or blur is None:
         raise ConfigError(f"blur schedule {method} needs training images and a blur")
     settings |= {"sigma": float(sigma), "num_images": int(x0.shape[0]),
@@ -763,131 +779,153 @@ def compute_schedule(
     return BlurSchedule(name or f"soft_{method}", levels, settings, data_hash(x0), info)
 
 
-# --------------------------------------------------------------------------- config entry point
+# --------------------------------------------------------------------------- the process's settings
 
 
-def _to_plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+@dataclass(frozen=True)
+class BlurScheduleSettings:
+    """How a soft blur process chooses its levels: its ``blur_schedule`` settings block
+    (``conf/process/soft_blur.yaml``; the options of ``conf/process/blur_schedule/`` set
+    ``method``). The range (``blur_min``, ``blur_max``), the noise (``sigma_max``) and the blur
+    (its kernel) are the process's own.
 
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+    ``method``: ``wasserstein`` (sec. 3.3, App. C), ``mse_matched`` (App. F.1.2, eq. 45),
+    ``linear`` or ``geometric`` (no data). ``num_levels`` levels in all; the data-driven methods
+    read the first ``num_images`` of the images given to ``fit``; ``num_candidates``,
+    ``spacing`` and ``objective`` are the path search's (:func:`wasserstein_path_levels`),
+    ``ve_sigma_min`` and ``ve_sigma_max`` the VE SDE that ``mse_matched`` matches. ``file``: a
+    schedule written by ``python -m diffusion_lab.soft_schedule`` to use instead of computing
+    one (:func:`fit_schedule`).
+    """
+
+    method: Method = "linear"
+    num_levels: Annotated[int, Field(ge=2)] = 32
+    num_candidates: Annotated[int, Field(ge=2)] = 256
+    spacing: Spacing = "linear"
+    objective: Objective = "fewest_levels"
+    ve_sigma_min: PositiveFloat = 0.01
+    ve_sigma_max: PositiveFloat = 50.0
+    num_images: PositiveInt = 1000
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        key = "process.blur_schedule"
+        for name, choices in (("method", METHODS), ("spacing", SPACINGS),
+                              ("objective", OBJECTIVES)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{key}.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
+        if self.num_levels < 2:
+            raise ConfigError(f"{key}.num_levels must be at least 2, got {self.num_levels}")
+        if self.method == "wasserstein" and self.num_candidates < self.num_levels:
+            raise ConfigError(
+                f"{key}.num_candidates ({self.num_candidates}) must be at least num_levels "
+                f"({self.num_levels}): the path chooses its levels among the candidates"
+            )
+        if not 0 < self.ve_sigma_min < self.ve_sigma_max:
+            raise ConfigError(
+                f"{key}.ve_sigma_min and ve_sigma_max must satisfy 0 < ve_sigma_min < "
+                f"ve_sigma_max, got {self.ve_sigma_min} and {self.ve_sigma_max}"
+            )
+        if self.num_images < 1:
+            raise ConfigError(f"{key}.num_images must be at least 1, got {self.num_images}")
+
+    @classmethod
+    def from_mapping(cls, values: Any) -> BlurScheduleSettings:
+        """The settings of a config block (a mapping); a misspelt key is a ConfigError that
+        names the closest one."""
+        from diffusion_lab.schema import did_you_mean
+
+        values = dict(values)
+        for name in values:
+            if name not in cls.__dataclass_fields__:
+                raise ConfigError(
+                    did_you_mean("process.blur_schedule", name, cls.__dataclass_fields__)
+                )
+        return cls(**values)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the levels are computed from training images (in ``fit``)."""
+        return self.method not in DATA_FREE
 
 
-def training_images(
-    data: Any, num_images: int, data_range: Sequence[float], model_range: Sequence[float]
-) -> torch.Tensor:
-    """The first ``num_images`` training images of the data config ``data`` (a ``_target_``
-    node), mapped from ``data_range`` to ``model_range`` (the range the process sees)."""
-    import hydra.utils
-
-    data_cfg = dict(_to_plain(data))
-    data_cfg.pop("metrics", None)
-    datamodule = hydra.utils.instantiate(data_cfg)
-    datamodule.prepare_data()
-    x = datamodule.reference_samples(int(num_images), split="train")
-    (d0, d1), (m0, m1) = data_range, model_range
-    return (x.to(torch.float64) - d0) / (d1 - d0) * (m1 - m0) + m0
-
-
-def default_schedule_path(name: str, key_settings: dict[str, Any], data_key: str) -> Path:
-    """``<cache>/blur_schedules/<name>-<key>.json``, key = hash of settings and data config."""
+def schedule_cache_path(name: str, key: dict[str, Any]) -> Path:
+    """``<cache>/blur_schedules/<name>-<hash of key>.json``."""
     from diffusion_lab.cache import cache_dir
 
-    text = json.dumps({"settings": key_settings, "data": data_key}, sort_keys=True, default=str)
-    return (
-        cache_dir()
-        / "blur_schedules"
-        / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    )
+    text = json.dumps(key, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return cache_dir() / "blur_schedules" / f"{name}-{digest}.json"
 
 
-def resolve_schedule(
-    name: str,
-    method: str,
-    num_levels: int = 32,
-    blur_min: float = 0.01,
-    blur_max: float = 23.0,
-    sigma: float = 0.1,
-    num_candidates: int = 256,
-    spacing: str = "linear",
-    ve_sigma_min: float = 0.01,
-    ve_sigma_max: float = 50.0,
-    num_images: int = 1000,
-    data_range: Sequence[float] = (0.0, 1.0),
-    model_range: Sequence[float] = (0.0, 1.0),
-    blur: Any = None,
-    data: Any = None,
-    file: str | None = None,
+def fit_schedule(
+    settings: BlurScheduleSettings,
+    x0: torch.Tensor | None,
+    blur: BlurFn,
+    *,
+    blur_min: float,
+    blur_max: float,
+    sigma: float,
+    blur_key: dict[str, Any],
     progress: bool = False,
-    objective: str = "fewest_levels",
 ) -> tuple[BlurSchedule, Path | None]:
-    """The schedule a ``conf/blur_schedule/*.yaml`` describes, and the file it was read from or
-    written to (None for ``linear``).
+    """The schedule ``settings`` give for the images ``x0`` (model range; the first
+    ``settings.num_images`` are read), and the file it was read from or written to (None for
+    the data-free methods).
 
-    ``file`` set: read that file (written by ``python -m diffusion_lab.soft_schedule``); its
-    blur_min, blur_max and num_levels must agree with the config's. ``file`` null: the cache
-    file keyed by the settings and the resolved data config is read if it exists, else the
-    schedule is computed from the data once, saved there (the log names the file) and reused.
+    ``settings.file`` set: that file, whose method, blur_min, blur_max and num_levels must be the
+    settings' (a schedule of other images is used with a warning). Otherwise the cache file keyed
+    by the settings, the range, sigma, the blur (``blur_key``: what identifies ``blur``) and the
+    hash of the images read (:func:`data_hash`) is read if it exists, else the schedule is
+    computed, saved there and reused by any run that fits the same images with the same settings.
     """
-    if method == "linear":
-        return compute_schedule("linear", None, None, name=name, num_levels=num_levels,
-                                blur_min=blur_min, blur_max=blur_max), None  # fmt: skip
-    if file:
-        schedule = load_schedule(file)
-        for key, want in (
-            ("blur_min", blur_min),
-            ("blur_max", blur_max),
-            ("num_levels", num_levels),
-        ):
-            have = schedule.settings.get(key)
-            if have is not None and not math.isclose(float(have), float(want), rel_tol=1e-9):
-                raise ConfigError(
-                    f"blur schedule file {file} was computed with {key}={have}, the config asks "
-                    f"for {key}={want}: recompute it or change blur_schedule.{key}"
-                )
-        return schedule, Path(file)
-    if data is None:
-        raise ConfigError(f"blur schedule {name} needs the data config (blur_schedule.data)")
-    import hydra.utils
-
-    blur_cfg = _to_plain(blur) if blur is not None else None
-    key_settings = {"method": method, "num_levels": num_levels, "blur_min": blur_min,
-                    "blur_max": blur_max, "sigma": sigma, "num_candidates": num_candidates,
-                    "spacing": spacing, "objective": objective, "ve_sigma_min": ve_sigma_min,
-                    "ve_sigma_max": ve_sigma_max, "num_images": num_images,
-                    "data_range": list(data_range), "model_range": list(model_range),
-                    "blur": blur_cfg}  # fmt: skip
-    if method == "wasserstein":  # schedules of the float search (before issue 19) are not reused
-        key_settings["path_search"] = f"exact on integers, rtol {DISTANCE_RTOL:g}"
-    data_plain = {k: v for k, v in dict(_to_plain(data)).items()
-                  if k not in ("batch_size", "num_workers", "seed", "metrics", "eval_batch_size")}  # fmt: skip
-    path = default_schedule_path(
-        name, key_settings, json.dumps(data_plain, sort_keys=True, default=str)
-    )
+    name = f"soft_{settings.method}"
+    if not settings.needs_data:
+        schedule = compute_schedule(settings.method, None, None, num_levels=settings.num_levels,
+                                    blur_min=blur_min, blur_max=blur_max)  # fmt: skip
+        return schedule, None
+    if x0 is None:
+        raise ConfigError(f"blur schedule {name} needs training images: fit the process to them")
+    x0 = torch.as_tensor(x0).detach()[: settings.num_images].to("cpu", torch.float64)
+    if settings.file:
+        return _read_schedule_file(settings, x0, blur_min, blur_max), Path(settings.file)
+    key = {**asdict(settings), "file": None, "blur_min": float(blur_min),
+           "blur_max": float(blur_max), "sigma": float(sigma), "blur": blur_key,
+           "distance_rtol": DISTANCE_RTOL, "format": SCHEDULE_FORMAT,
+           "data_hash": data_hash(x0)}  # fmt: skip
+    path = schedule_cache_path(name, key)
     if path.is_file():
         return load_schedule(path), path
-    blur_fn = hydra.utils.instantiate(blur_cfg) if blur_cfg is not None else gaussian_blur
-    x0 = training_images(data, num_images, data_range, model_range)
     log.info("blur schedule %s: computing from %d training images", name, x0.shape[0])
     schedule = compute_schedule(
-        method, x0, blur_fn, name=name, num_levels=num_levels, blur_min=blur_min,
-        blur_max=blur_max, sigma=sigma, num_candidates=num_candidates, spacing=spacing,
-        ve_sigma_min=ve_sigma_min, ve_sigma_max=ve_sigma_max, progress=progress,
-        objective=objective,
+        settings.method, x0, blur, name=name, num_levels=settings.num_levels, blur_min=blur_min,
+        blur_max=blur_max, sigma=sigma, num_candidates=settings.num_candidates,
+        spacing=settings.spacing, ve_sigma_min=settings.ve_sigma_min,
+        ve_sigma_max=settings.ve_sigma_max, progress=progress, objective=settings.objective,
     )  # fmt: skip
-    schedule.settings["data_config"] = data_plain
     save_schedule(path, schedule)
     log.info("blur schedule %s: saved to %s", name, path)
     return schedule, path
 
 
-def blur_levels(**kwargs: Any) -> list[float]:
-    """The ``_target_`` of ``conf/blur_schedule/*.yaml``: the blur levels as a list of floats.
-
-    A soft process config reads ``blur_levels: ${blur_schedule}``; Hydra instantiates this node
-    first (``_recursive_: false`` keeps its ``data`` and ``blur`` nodes as configs) and passes
-    the list. Keyword arguments: those of :func:`resolve_schedule`.
-    """
-    schedule, _ = resolve_schedule(**kwargs)
-    return [float(v) for v in schedule.levels]
+def _read_schedule_file(
+    settings: BlurScheduleSettings, x0: torch.Tensor, blur_min: float, blur_max: float
+) -> BlurSchedule:
+    file = settings.file
+    schedule = load_schedule(file)
+    for key, want in (("method", settings.method), ("blur_min", blur_min),
+                      ("blur_max", blur_max), ("num_levels", settings.num_levels)):  # fmt: skip
+        have = schedule.settings.get(key)
+        if have is None:
+            continue
+        if have != want if isinstance(want, str) else not math.isclose(have, want, rel_tol=1e-9):
+            where = "process.blur_schedule" if key in ("method", "num_levels") else "process"
+            raise ConfigError(
+                f"blur schedule file {file} was computed with {key}={have}, the config asks for "
+                f"{key}={want}: recompute it or change {where}.{key}"
+            )
+    if schedule.data_hash != data_hash(x0):
+        log.warning("blur schedule file %s was computed from other images than these", file)
+    return schedule
