@@ -123,6 +123,9 @@ def check_value(key: str, value: Any, annotation: Any) -> None:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         error = next((e for e in errors if "instance" not in e["type"]), errors[0])
+        fields = [part for part in error["loc"] if isinstance(part, str)]  # in a settings block
+        if fields:
+            key, value = ".".join([key, *fields]), error["input"]
         raise ConfigError(f"{key} {describe(error)}, got {value!r}") from None
 
 

@@ -4,7 +4,7 @@ Composes the project's config for a Soft Diffusion blur run (``process=soft_blur
 :data:`SOFT_RUN`, unless an ``+experiment`` is given) and the overrides (e.g. ``data=digits
 data.image_size=16 process.blur_max=8``, ``process/blur_schedule=soft_mse_matched``), builds the
 run's data and method (``diffusion_lab.build``) and fits the process to the training images a run
-fits it to (:func:`fit_examples`), with a progress bar over the bisection on eps. Its levels, with
+fits it to (``fit_examples``), with a progress bar over the bisection on eps. Its levels, with
 their settings and the images' hash, are in a JSON file: the cache file that runs fitting the same
 images with the same settings reuse, or ``--out``. Prints the levels and, for ``--out``, the
 override that reads the file (``process.blur_schedule.file=PATH``).
@@ -16,13 +16,10 @@ import argparse
 import json
 import logging
 
-import lightning as L
-import torch
 from omegaconf import open_dict
 
 from diffusion_lab.build import build_datamodule, build_method
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.methods.base import MAX_FIT_EXAMPLES
 from diffusion_lab.processes.corruption import SoftBlurProcess
 from diffusion_lab.run import config_dir, one_line_errors
 from diffusion_lab.schedules.soft import BlurSchedule, save_schedule
@@ -40,18 +37,6 @@ def soft_run_overrides(overrides: list[str]) -> list[str]:
         return list(overrides)
     chosen = {o.split("=", 1)[0] for o in overrides}
     return [f"{g}={o}" for g, o in SOFT_RUN.items() if g not in chosen] + list(overrides)
-
-
-def fit_examples(method: L.LightningModule, datamodule: L.LightningDataModule) -> torch.Tensor:
-    """The training examples, in model range, that a fresh run of ``method`` fits its process to
-    (``DiffusionMethod.on_fit_start``): at most ``MAX_FIT_EXAMPLES`` of the training split, in
-    their order, chosen by a generator seeded by ``method.sample_seed``."""
-    dataset = datamodule.dataset("train")
-    generator = torch.Generator().manual_seed(method.sample_seed)
-    order = torch.randperm(len(dataset), generator=generator)[:MAX_FIT_EXAMPLES]
-    items = [dataset[int(i)] for i in order.sort().values]
-    x = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
-    return method.to_model_range(x)
 
 
 def main(argv: list[str] | None = None) -> BlurSchedule:
@@ -78,7 +63,7 @@ def main(argv: list[str] | None = None) -> BlurSchedule:
         data = None
         if process.blur_schedule.needs_data:
             datamodule.prepare_data()
-            data = fit_examples(method, datamodule)
+            data = method.fit_examples(datamodule)
         schedule, path = process.find_levels(data, progress=not args.no_progress)
         if args.out:
             path = save_schedule(args.out, schedule)

@@ -163,6 +163,16 @@ def test_schema_names_the_full_key(override, message):
     assert message in str(caught.value)
 
 
+def test_schema_names_the_field_of_a_settings_block():
+    """A bad value inside a typed block (a dataclass argument) is named by its own key."""
+    cfg = compose_config(config_dir(), ["process=soft_blur", "process.blur_schedule.num_levels=-3"])
+    with open_dict(cfg):
+        cfg.run_dir = "run"
+    with pytest.raises(ConfigError) as caught:
+        check_config(cfg)
+    assert str(caught.value) == "process.blur_schedule.num_levels must be >= 2, got -3"
+
+
 @pytest.mark.parametrize("order", ["options first", "overrides first"])
 def test_sample_takes_options_and_overrides_in_any_order(trained, order):
     options, overrides = ["--num-samples", "4"], ["sampler.steps=2"]

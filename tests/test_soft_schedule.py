@@ -384,12 +384,11 @@ COMMON = ["method=soft", "loss=soft_score_matching", "sampler=soft_momentum", "d
 
 
 def _digits_in_model_range(cfg):
-    """The training digits a run fits its process to (the CLI's own selection)."""
+    """The training digits a run fits its process to."""
     from diffusion_lab.build import build_datamodule, build_method
-    from diffusion_lab.soft_schedule import fit_examples
 
     datamodule, _ = build_datamodule(cfg)
-    return fit_examples(build_method(cfg, []), datamodule)
+    return build_method(cfg, []).fit_examples(datamodule)
 
 
 @pytest.mark.parametrize("option", ["soft_wasserstein", "soft_mse_matched", "soft_linear"])

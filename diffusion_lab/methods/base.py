@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -83,18 +84,21 @@ class DiffusionMethod(TrainingModule):
         return self.model
 
     def on_fit_start(self) -> None:
-        """Fit the process to the training data on a fresh run (a resumed one restored it): at
-        most ``MAX_FIT_EXAMPLES`` of them, chosen by a generator seeded by ``sample_seed`` (the
-        global RNG, training's, is left alone), so that a large set is never stacked whole."""
+        """Fit the process to the training data on a fresh run (a resumed one restored it)."""
         if self.process.needs_fit and self.trainer.ckpt_path is None:
-            dataset = self.trainer.datamodule.dataset("train")
-            generator = torch.Generator().manual_seed(self.sample_seed)
-            order = torch.randperm(len(dataset), generator=generator)[:MAX_FIT_EXAMPLES]
-            items = [dataset[int(i)] for i in order.sort().values]
-            x = torch.stack(
-                [item[0] if isinstance(item, (list, tuple)) else item for item in items]
-            )
-            self.process.fit(self.to_model_range(x).to(self.device))
+            self.process.fit(self.fit_examples(self.trainer.datamodule).to(self.device))
+
+    def fit_examples(self, datamodule: L.LightningDataModule) -> torch.Tensor:
+        """The training examples, in model range, that the process is fitted to: at most
+        ``MAX_FIT_EXAMPLES`` of them in their order, chosen by a generator seeded by
+        ``sample_seed`` (the global RNG, training's, is left alone), so that a large set is
+        never stacked whole."""
+        dataset = datamodule.dataset("train")
+        generator = torch.Generator().manual_seed(self.sample_seed)
+        order = torch.randperm(len(dataset), generator=generator)[:MAX_FIT_EXAMPLES]
+        items = [dataset[int(i)] for i in order.sort().values]
+        x = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
+        return self.to_model_range(x)
 
     def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The loss of a batch in model range (a method may give the loss more context)."""
