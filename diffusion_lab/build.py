@@ -1,7 +1,9 @@
-"""Build the parts of a run from a composed config: the one place that instantiates ``_target_``s."""
+"""Compose a run's config (Hydra) and build its parts: the one place that instantiates
+``_target_``s."""
 
 from __future__ import annotations
 
+import difflib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -9,9 +11,12 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from torch import nn
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
@@ -20,7 +25,7 @@ from diffusion_lab.errors import ConfigError, DiffusionLabError
 from diffusion_lab.metrics.evaluator import SampleEvaluator
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import check_sampler
-from diffusion_lab.schema import parameters
+from diffusion_lab.schema import did_you_mean, parameters
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -185,3 +190,35 @@ def load_checkpoint(path: str | Path, method: L.LightningModule) -> dict[str, An
                 f"network.base_channels: {fix})"
             )
     return checkpoint
+
+
+def compose_config(
+    config_dir: str, overrides: list[str], config_name: str = "config"
+) -> DictConfig:
+    """Hydra's ``compose``, with a misspelt key or group option as a ConfigError that says
+    what was meant (Hydra itself suggests adding the typo with ``+``)."""
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        try:
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        except MissingConfigException as exc:
+            group, _, option = (exc.missing_cfg_file or "").rpartition("/")
+            if not exc.options or not group:
+                raise
+            close = difflib.get_close_matches(option, exc.options, n=1)
+            hint = (
+                f"did you mean {group}={close[0]}?"
+                if close
+                else f"use one of {', '.join(exc.options)}"
+            )
+            raise ConfigError(f"{group} has no option {option}: {hint}") from None
+        except ConfigCompositionException as exc:
+            cause = exc.__cause__
+            missing = isinstance(cause, (ConfigAttributeError, ConfigKeyError))
+            if not missing or not isinstance(cause.parent_node, DictConfig):
+                raise
+            node = (cause.full_key or "").rpartition(".")[0]
+            raise ConfigError(did_you_mean(node, cause.key, cause.parent_node.keys())) from None
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg

@@ -32,18 +32,20 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.trainer.states import TrainerStatus
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from diffusion_lab.build import (
     build_datamodule,
     build_method,
     build_trainer,
+    compose_config,
     last_checkpoint_path,
     load_checkpoint,
     resolve_checkpoint,
@@ -60,7 +62,7 @@ from diffusion_lab.metrics.evaluator import (
     NonFiniteSamplesError,
     check_samples_finite,
 )
-from diffusion_lab.schema import check_config, check_overrides
+from diffusion_lab.schema import check_config
 
 log = logging.getLogger("diffusion_lab")
 
@@ -360,6 +362,28 @@ def write_hydra_record(cfg: DictConfig, run_dir: Path) -> None:
     records["overrides.yaml"] = hydra_cfg.hydra.overrides.task
     for name, node in records.items():
         (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
+def check_overrides(argv: list[str], config_dir: str) -> None:
+    """Compose and check what ``python -m diffusion_lab.run argv`` will run (every job of a -m
+    sweep) before Hydra starts, so that a misspelt key or a bad value in any job stops the run
+    with one line. Whatever else Hydra refuses, Hydra reports."""
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.cfg or args.config_path or args.config_dir:
+        return
+    try:
+        if args.multirun:
+            parsed = OverridesParser.create().parse_overrides(args.overrides)
+            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        else:
+            jobs = [args.overrides]
+        configs = [compose_config(config_dir, job, args.config_name or "config") for job in jobs]
+    except HydraException:
+        return
+    for cfg in configs:
+        with open_dict(cfg):
+            cfg.run_dir = ""  # Hydra's output folder, known only once the job runs
+        check_config(cfg)
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import pydoc
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
@@ -21,15 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import get_args_parser
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
-from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf import DictConfig, OmegaConf
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from diffusion_lab.config_types import (
@@ -154,11 +147,20 @@ def check_node(key: str, values: Mapping[str, Any], target: Callable) -> None:
             check_value(full_key, value, annotations[name])
 
 
+def target_object(key: str, target: str) -> Any:
+    """The class or function a ``_target_`` names, as Hydra will import it."""
+    found = pydoc.locate(target)
+    if found is None:
+        where = f"{key}._target_" if key else "_target_"
+        raise ConfigError(f"{where} names nothing importable: {target}")
+    return found
+
+
 def check_tree(key: str, value: Any) -> None:
     """Every node with a ``_target_`` in ``value``, at any depth."""
     if isinstance(value, Mapping):
         if "_target_" in value:
-            check_node(key, value, get_object(value["_target_"]))
+            check_node(key, value, target_object(key, value["_target_"]))
         for name, child in value.items():
             check_tree(f"{key}.{name}" if key else name, child)
     elif isinstance(value, list):
@@ -173,57 +175,3 @@ def check_config(cfg: DictConfig) -> None:
     check_node("", own, Run)
     check_node("trainer", tree.get("trainer") or {}, L.Trainer)
     check_tree("", tree)
-
-
-def compose_config(
-    config_dir: str, overrides: list[str], config_name: str = "config"
-) -> DictConfig:
-    """Hydra's ``compose``, with a misspelt key or group option as a ConfigError that says
-    what was meant (Hydra itself suggests adding the typo with ``+``)."""
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        try:
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-        except MissingConfigException as exc:
-            group, _, option = (exc.missing_cfg_file or "").rpartition("/")
-            if not exc.options or not group:
-                raise
-            close = difflib.get_close_matches(option, exc.options, n=1)
-            hint = (
-                f"did you mean {group}={close[0]}?"
-                if close
-                else f"use one of {', '.join(exc.options)}"
-            )
-            raise ConfigError(f"{group} has no option {option}: {hint}") from None
-        except ConfigCompositionException as exc:
-            cause = exc.__cause__
-            missing = isinstance(cause, (ConfigAttributeError, ConfigKeyError))
-            if not missing or not isinstance(cause.parent_node, DictConfig):
-                raise
-            node = (cause.full_key or "").rpartition(".")[0]
-            raise ConfigError(did_you_mean(node, cause.key, cause.parent_node.keys())) from None
-    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
-
-
-def check_overrides(argv: list[str], config_dir: str) -> None:
-    """Compose and check what ``python -m diffusion_lab.run argv`` will run (every job of a -m
-    sweep) before Hydra starts, so that a misspelt key or a bad value in any job stops the run
-    with one line. Whatever else Hydra refuses, Hydra reports."""
-    args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.cfg or args.config_path or args.config_dir:
-        return
-    try:
-        if args.multirun:
-            parsed = OverridesParser.create().parse_overrides(args.overrides)
-            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        else:
-            jobs = [args.overrides]
-        configs = [compose_config(config_dir, job, args.config_name or "config") for job in jobs]
-    except HydraException:
-        return
-    for cfg in configs:
-        with open_dict(cfg):
-            cfg.run_dir = ""  # Hydra's output folder, known only once the job runs
-        check_config(cfg)

@@ -151,10 +151,9 @@ def score(samples: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
 
 def train_one(arm: str, setting: str, seed: int, max_steps: int, eval_every: int, n: int) -> dict:
     """One run in this process: the training curve and the time to each threshold."""
-    from diffusion_lab.build import build_datamodule, build_method
+    from diffusion_lab.build import build_datamodule, build_method, compose_config
     from diffusion_lab.processes.fokker_planck import FixedPointError
     from diffusion_lab.run import config_dir
-    from diffusion_lab.schema import compose_config
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)

@@ -30,10 +30,9 @@ import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from diffusion_lab.build import build_datamodule, build_method, build_trainer
+from diffusion_lab.build import build_datamodule, build_method, build_trainer, compose_config
 from diffusion_lab.callbacks.ema import warmup_ema_decay
 from diffusion_lab.run import config_dir
-from diffusion_lab.schema import compose_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {

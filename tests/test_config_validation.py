@@ -11,9 +11,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from diffusion_lab.build import compose_config
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.run import config_dir
-from diffusion_lab.schema import check_config, compose_config
+from diffusion_lab.schema import check_config
 
 SMALL = ["trainer=debug", "method.num_eval_samples=0",
          "final_samples=0", "sampler.progress=false", "trainer.enable_progress_bar=false"]  # fmt: skip
@@ -231,3 +232,14 @@ def test_checkpoint_of_another_network_or_family_stops_with_one_line(
 def test_sample_checks_the_checkpoint_against_the_network(trained):
     result = entry("sample", str(trained), "network.base_channels=16", "--num-samples", "2")
     assert_one_line(result, "model.network.temb.0.weight is [32, 8] there and [64, 16] here")
+
+
+def test_a_target_that_names_nothing_is_one_line():
+    cfg = compose_config(config_dir(), ["network._target_=diffusion_lab.networks.unet.UNett"])
+    with open_dict(cfg):
+        cfg.run_dir = "run"
+    with pytest.raises(ConfigError) as caught:
+        check_config(cfg)
+    assert str(caught.value) == (
+        "network._target_ names nothing importable: diffusion_lab.networks.unet.UNett"
+    )

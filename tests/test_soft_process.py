@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from diffusion_lab.build import instantiate
+from diffusion_lab.build import compose_config, instantiate
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.operators import (
     BLUR_METHODS,
@@ -29,7 +29,7 @@ from diffusion_lab.schedules.soft import (
     linear_levels,
     wasserstein_path_levels,
 )
-from diffusion_lab.schema import check_tree, compose_config
+from diffusion_lab.schema import check_tree
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 F64 = torch.float64

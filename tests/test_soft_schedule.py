@@ -16,10 +16,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from omegaconf import open_dict
 
-from diffusion_lab.build import instantiate
+from diffusion_lab.build import compose_config, instantiate
 from diffusion_lab.data.digits import load_digits_arrays
 from diffusion_lab.schedules import soft
-from diffusion_lab.schema import compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
