@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from soft_schedule_helpers import linear_levels
 
 from diffusion_lab.build import compose_config, instantiate
 from diffusion_lab.errors import ConfigError
@@ -26,7 +27,6 @@ from diffusion_lab.samplers.ddim import ddim
 from diffusion_lab.schedules.soft import (
     BlurScheduleSettings,
     gaussian_blur,
-    linear_levels,
     wasserstein_path_levels,
 )
 from diffusion_lab.schema import check_tree

@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from omegaconf import open_dict
+from soft_schedule_helpers import (
+    bottleneck,
+    eps_candidates,
+    linear_levels,
+    sampled_level_distance,
+    shortest_path,
+)
 
 from diffusion_lab.build import compose_config, instantiate
 from diffusion_lab.data.digits import load_digits_arrays
@@ -108,7 +115,7 @@ def test_the_path_is_the_brute_force_shortest_path_on_random_graphs(objective):
         d = np.triu(d, 1) + np.triu(d, 1).T
         for eps in np.quantile(d[np.triu_indices(8, 1)], [0.3, 0.6, 1.0]):
             expected = brute_force(d, eps, objective)
-            found = soft.shortest_path(d, eps, objective)
+            found = shortest_path(d, eps, objective)
             if expected is None:
                 assert found is None
                 continue
@@ -122,7 +129,7 @@ def count_sweep(d, objective=None):
     """The path's level count at every distinct distance (at the search's resolution, as
     find_eps sees them) from the bottleneck up (None: the scheduler's default objective)."""
     kwargs = {} if objective is None else {"objective": objective}
-    return [len(soft.shortest_path(d, v, **kwargs)[0]) for v in soft.eps_candidates(d)]
+    return [len(shortest_path(d, v, **kwargs)[0]) for v in eps_candidates(d)]
 
 
 def test_the_default_count_never_grows_with_eps_on_synthetic_and_blur_graphs(blur_distances):
@@ -150,9 +157,9 @@ def test_sum_count_is_not_monotone_for_every_metric_the_docstring_example():
         d[names.index(p), names.index(q)] = d[names.index(q), names.index(p)] = v
     for i, j, k in itertools.permutations(range(5), 3):
         assert d[i, k] <= d[i, j] + d[j, k] + 1e-12  # a metric
-    assert soft.shortest_path(d, 5.0, "sum")[0] == [0, 2, 4]
-    assert soft.shortest_path(d, 5.5, "sum")[0] == [0, 1, 3, 4]
-    assert soft.shortest_path(d, 5.5)[0] == [0, 2, 4]  # the default: fewest levels
+    assert shortest_path(d, 5.0, "sum")[0] == [0, 2, 4]
+    assert shortest_path(d, 5.5, "sum")[0] == [0, 1, 3, 4]
+    assert shortest_path(d, 5.5)[0] == [0, 2, 4]  # the default: fewest levels
 
 
 def test_sum_count_on_the_blur_example_falls_overall_with_small_rises(blur_distances):
@@ -189,7 +196,7 @@ def decisions(d, eps_list, num_levels_list):
     """Everything the scheduler decides from d: paths at given eps, and find_eps's results."""
     out = []
     for objective in soft.OBJECTIVES:
-        out += [soft.shortest_path(d, eps, objective)[0] for eps in eps_list]
+        out += [shortest_path(d, eps, objective)[0] for eps in eps_list]
         for n in num_levels_list:
             found = soft.find_eps(d, n, objective=objective)
             out.append((objective, n, found.path, found.eps_units, found.exact))
@@ -200,10 +207,10 @@ def test_the_blur_schedule_is_the_same_under_float_noise_and_other_summation_ord
     digits16, blur_stack, blur_distances
 ):
     stds, d = blur_distances
-    candidates = soft.eps_candidates(d)
-    eps_list = [soft.bottleneck(d), *np.quantile(candidates, [0.1, 0.3, 0.6]), d.max(), np.inf]
+    candidates = eps_candidates(d)
+    eps_list = [bottleneck(d), *np.quantile(candidates, [0.1, 0.3, 0.6]), d.max(), np.inf]
     expected = decisions(d, eps_list, [8, 12, 20, 32])
-    assert soft.shortest_path(d, np.inf, "sum")[0] == [0, 63]  # the free hop over level 1 lost
+    assert shortest_path(d, np.inf, "sum")[0] == [0, 63]  # the free hop over level 1 lost
     reference = soft.find_eps(d, 12, objective="sum")
     for seed in range(4):  # the last bits of every distance
         noisy = perturbed(d, seed)
@@ -222,19 +229,19 @@ def test_the_eps_candidates_are_the_distinct_distances_at_the_resolution(blur_di
     d = blur_distances[1]
     units, quantum = soft.quantise_distances(d)
     assert quantum == soft.DISTANCE_RTOL * d.max() and units.max() == round(1 / soft.DISTANCE_RTOL)
-    values = soft.eps_candidates(d)
+    values = eps_candidates(d)
     raw = np.unique(d[np.triu_indices(64, 1)])
-    assert len(values) < len(raw[raw >= soft.bottleneck(d) - quantum])  # noise-split merged
+    assert len(values) < len(raw[raw >= bottleneck(d) - quantum])  # noise-split merged
     distinct = np.unique(units[np.triu_indices(64, 1)])
     assert np.array_equal(values, distinct[-len(values) :] * quantum)
     for seed in range(3):
-        assert np.allclose(soft.eps_candidates(perturbed(d, seed)), values, rtol=1e-11, atol=0)
+        assert np.allclose(eps_candidates(perturbed(d, seed)), values, rtol=1e-11, atol=0)
 
 
 def test_quantise_distances_edge_cases():
     units, quantum = soft.quantise_distances(np.zeros((3, 3)))
     assert quantum == 0 and not units.any()
-    assert soft.shortest_path(np.zeros((3, 3)), 0.0, "sum") == ([0, 2], 0.0)
+    assert shortest_path(np.zeros((3, 3)), 0.0, "sum") == ([0, 2], 0.0)
     assert soft.find_eps(np.zeros((4, 4)), 2).path == [0, 3]
     with pytest.raises(ValueError, match="nonnegative"):
         soft.quantise_distances(np.array([[0.0, -1.0], [-1.0, 0.0]]))
@@ -276,12 +283,12 @@ def on_a_rounding_boundary(d):
 def test_the_path_is_the_lexicographic_optimum_and_ignores_float_noise(d, seed, objective):
     assume(not on_a_rounding_boundary(d))
     noisy = perturbed(d, seed)
-    for eps in [*soft.eps_candidates(d), np.inf]:
+    for eps in [*eps_candidates(d), np.inf]:
         expected = brute_force(d, eps, objective)
-        found = soft.shortest_path(d, eps, objective)
+        found = shortest_path(d, eps, objective)
         assert expected is not None and found is not None  # eps >= the bottleneck
         assert found[0] == expected[1]
-        assert soft.shortest_path(noisy, eps, objective)[0] == found[0]
+        assert shortest_path(noisy, eps, objective)[0] == found[0]
     for n in range(2, len(d) + 1):
         a, b = (
             soft.find_eps(d, n, objective=objective),
@@ -295,11 +302,11 @@ def test_the_path_is_the_lexicographic_optimum_and_ignores_float_noise(d, seed, 
 def test_below_the_bottleneck_there_is_no_path_and_at_it_there_is(d, objective):
     assume(not on_a_rounding_boundary(d))
     units, quantum = soft.quantise_distances(d)
-    b = soft.bottleneck(d)
-    assert soft.shortest_path(d, b, objective) is not None
-    assert b == soft.eps_candidates(d)[0]
+    b = bottleneck(d)
+    assert shortest_path(d, b, objective) is not None
+    assert b == eps_candidates(d)[0]
     if b > 0:
-        assert soft.shortest_path(d, b - quantum, objective) is None
+        assert shortest_path(d, b - quantum, objective) is None
 
 
 def test_coupled_distance_is_a_metric_and_equals_a_direct_computation(digits16):
@@ -319,9 +326,9 @@ def test_coupled_distance_against_exact_ot_shared_and_independent_samples(digits
     x = digits16[:100]
     s_i, s_j = 1.0, 1.0 + 8.0 / 255  # neighbouring candidates of 256 up to 8
     coupled = soft.coupled_distances(x, direct_blur, [s_i, s_j])[0, 1]
-    shared = soft.sampled_level_distance(x, direct_blur, s_i, s_j, 0.1, g, shared=True)
+    shared = sampled_level_distance(x, direct_blur, s_i, s_j, 0.1, g, shared=True)
     assert shared <= coupled + 1e-9 and shared == pytest.approx(coupled, rel=0.05)
-    self_independent = soft.sampled_level_distance(digits16, direct_blur, s_i, s_i, 0.1, g, False)
+    self_independent = sampled_level_distance(digits16, direct_blur, s_i, s_i, 0.1, g, False)
     assert self_independent > 10 * coupled  # sampling noise swamps the level's own distance
 
 
@@ -400,7 +407,7 @@ def test_each_blur_schedule_option_gives_levels_when_built_or_fitted_and_caches_
     process = instantiate(cfg.process)
     data = _digits_in_model_range(cfg)
     if option == "soft_linear":  # data-free: set when built, nothing cached
-        assert process.levels.tolist() == soft.linear_levels(12, 0.01, 8.0)
+        assert process.levels.tolist() == linear_levels(12, 0.01, 8.0)
     else:
         assert process.levels.numel() == 0
         with pytest.raises(soft.ConfigError, match="no process.blur_levels yet"):
