@@ -143,7 +143,11 @@ def close_progress_bars() -> bool:
     (an open bar is redrawn when it is closed at exit); whether any bar was open."""
     from tqdm import tqdm
 
-    bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not bar.disable]
+    # tqdm registers a bar in __new__: one that Ctrl-C stopped inside __init__ has no
+    # ``disable`` yet and nothing drawn, so it is left alone
+    bars = [
+        bar for bar in list(getattr(tqdm, "_instances", ())) if not getattr(bar, "disable", True)
+    ]
     for bar in sorted(bars, key=lambda bar: -abs(getattr(bar, "pos", 0) or 0)):
         try:
             bar.close()

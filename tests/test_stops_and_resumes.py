@@ -238,3 +238,18 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
     assert accepted.returncode == 0, accepted.stdout[-3000:]
     assert "ckpt_path=last" in (tmp_path / ".hydra" / "overrides.yaml").read_text()
     assert "output_subdir: .hydra" in (tmp_path / ".hydra" / "hydra.yaml").read_text()
+
+
+def test_a_bar_that_ctrl_c_stopped_in_its_constructor_does_not_hide_the_stop_line():
+    """tqdm registers a bar before its ``__init__`` runs; Ctrl-C in between left a bar without
+    ``disable``, and closing the bars before the stop line raised AttributeError (exit 1)."""
+    from tqdm import tqdm
+
+    from diffusion_lab.run import close_progress_bars
+
+    half_built = tqdm.__new__(tqdm)
+    try:
+        assert close_progress_bars() is False
+    finally:
+        tqdm._instances.discard(half_built)
+        half_built.disable = True  # so that its __del__ has nothing to close
