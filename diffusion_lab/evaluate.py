@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from diffusion_lab.build import build_datamodule, load_safely
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.evaluator import SampleEvaluator
-from diffusion_lab.run import one_line_errors
 from diffusion_lab.sample import OneLineParser, check_run_folder, read_yaml
 from diffusion_lab.schema import check_config
+from diffusion_lab.stops import one_line_errors
 
 
 def run_files(run_dir: Path) -> tuple[Path, Path]:

@@ -16,8 +16,9 @@ from dataclasses import asdict
 from hydra import compose, initialize_config_dir
 
 from diffusion_lab.build import build_datamodule
-from diffusion_lab.run import config_dir, one_line_errors
+from diffusion_lab.run import config_dir
 from diffusion_lab.schedules.ncsnv2 import NCSNv2Config, ncsnv2_config
+from diffusion_lab.stops import one_line_errors
 
 
 def main(argv: list[str] | None = None) -> NCSNv2Config:

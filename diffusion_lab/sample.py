@@ -21,8 +21,9 @@ from omegaconf import open_dict
 from diffusion_lab.build import build_datamodule, build_method, compose_config, load_checkpoint
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.run import config_dir, one_line_errors
+from diffusion_lab.run import config_dir
 from diffusion_lab.schema import check_config
+from diffusion_lab.stops import one_line_errors
 
 T = TypeVar("T")
 

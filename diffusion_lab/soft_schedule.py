@@ -20,10 +20,11 @@ from omegaconf import open_dict
 
 from diffusion_lab.build import build_datamodule, build_method, compose_config
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.corruption import SoftBlurProcess
-from diffusion_lab.run import config_dir, one_line_errors
+from diffusion_lab.processes.soft import SoftBlurProcess
+from diffusion_lab.run import config_dir
 from diffusion_lab.schedules.soft import BlurSchedule, save_schedule
 from diffusion_lab.schema import check_config
+from diffusion_lab.stops import one_line_errors
 
 #: The groups of a Soft Diffusion blur run, which the overrides complete.
 SOFT_RUN = {"process": "soft_blur", "method": "soft", "loss": "soft_score_matching",

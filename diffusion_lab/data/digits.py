@@ -8,15 +8,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from diffusion_lab.data.base import (
-    SPLITS,
-    TensorDataModule,
-    check_choice,
-    check_int,
-    convert_channels,
-    resize_images,
-    seeded_split,
-)
+from diffusion_lab.data.base import SPLITS, TensorDataModule, check_choice, check_int, seeded_split
+from diffusion_lab.data.pixels import convert_channels, resize_images
 
 N_DIGITS = 1797
 SPLIT_SIZES = {"train": 1437, "val": 180, "test": 180}

@@ -12,13 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from diffusion_lab.data.base import (
-    SplitDataModule,
-    TensorDataModule,
-    TensorPairDataset,
-    check_int,
-    to_float_images,
-)
+from diffusion_lab.data.base import SplitDataModule, TensorDataModule, TensorPairDataset, check_int
+from diffusion_lab.data.pixels import to_float_images
 from diffusion_lab.errors import ConfigError, DataError
 
 

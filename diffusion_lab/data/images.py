@@ -1,7 +1,7 @@
 """Photographs: scikit-image's bundled pictures (offline) and any folder of PNG / JPEG files.
 
 Resizing protocol for photographs: centre crop to a square, then PIL bicubic (antialiased) to
-``image_size`` (see :func:`diffusion_lab.data.base.center_crop_resize`); crops of
+``image_size`` (see :func:`diffusion_lab.data.pixels.center_crop_resize`); crops of
 ``natural_crops`` are resized in torch (bilinear, antialiased) in batches.
 """
 
@@ -21,13 +21,15 @@ from diffusion_lab.data.base import (
     check_int,
     check_optional_int,
     check_split_sizes,
+    resolve_root,
+    seeded_generator,
+    seeded_split,
+)
+from diffusion_lab.data.pixels import (
     convert_channels,
     image_tensor,
     load_image,
     resize_images,
-    resolve_root,
-    seeded_generator,
-    seeded_split,
     to_float_images,
 )
 from diffusion_lab.data.verify import BAD_FILE_POLICIES, report_bad_files
@@ -170,7 +172,7 @@ class NaturalCropsDataModule(TensorDataModule):
 class ImageFolderDataModule(TensorDataModule):
     """Every PNG / JPEG in ``root`` (sorted, not recursive), centre-cropped and resized.
 
-    Any Pillow mode is read (see :func:`diffusion_lab.data.base.standard_mode`); all files are
+    Any Pillow mode is read (see :func:`diffusion_lab.data.pixels.standard_mode`); all files are
     decoded at setup, and ``on_bad_file`` says what an unreadable one does: ``error`` stops the run
     naming it, ``skip`` leaves it out (logged with a count).
     ``crop`` centre-crops that many pixels (None: the largest square) before the bicubic resize.

@@ -24,13 +24,10 @@ from diffusion_lab.data.base import (
     check_choice,
     check_int,
     check_optional_int,
-    convert_channels,
-    load_image,
-    resize_images,
     resolve_root,
     seeded_split,
-    to_float_images,
 )
+from diffusion_lab.data.pixels import convert_channels, load_image, resize_images, to_float_images
 from diffusion_lab.data.verify import BAD_FILE_POLICIES, readable_files
 from diffusion_lab.errors import ConfigError
 

@@ -1,7 +1,7 @@
 """Every image file of a data set checked decodable at setup, once: the bad-file policy.
 
 A file-backed set decoded lazily during training (CelebA, ImageNet) is checked at setup by a full
-decode of each file (:func:`diffusion_lab.data.base.load_image`, exactly what training does). The
+decode of each file (:func:`diffusion_lab.data.pixels.load_image`, exactly what training does). The
 outcome is cached in ``<cache>/data_checks/<hash of the data root>.json``, keyed by path, size and
 modification time, so that a later run re-checks only new or changed files. ``on_bad_file``:
 ``error`` (default) stops the run at setup with one line naming the first unreadable file;

@@ -23,7 +23,7 @@ Computed directly in the filtered space, C_t (x0_hat - x_0) = ``process.mean(x0_
 (the mean is linear in x_0 for every process this loss applies to), and only then divided by
 sigma_t: no score is formed and no O(1) difference such as C_t x0_hat - x_t is divided by
 sigma_t^2 and compensated by adding z back. In float32 at sigma = 0.01 the loss is then as
-precise as x0_hat itself allows (tests/test_soft_losses.py: per-example relative error 1.5e-5
+precise as x0_hat itself allows (tests/losses/test_soft_losses.py: per-example relative error 1.5e-5
 against 2.3e-5 through the score, for x0_hat within 1e-3 of x_0; the floor is x0_hat's own
 rounding, eps_32 |x| / |x0_hat - x0|).
 

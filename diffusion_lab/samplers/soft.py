@@ -75,7 +75,7 @@ ancestral, predictor-corrector (reverse diffusion, Euler-Maruyama, Langevin corr
 probability-flow ODE require ``gaussian_sde`` or ``sde`` (they call ``process.sde`` /
 ``discretize`` / ``ancestral_step`` / ``denoise``, which assume an invertible scalar mean); ``check_sampler``
 refuses each of them on a ``LinearCorruption`` with one line at build time
-(tests/test_soft_samplers.py). The three samplers here run on the soft process
+(tests/samplers/test_soft_samplers.py). The three samplers here run on the soft process
 and on the SDEs alike (``linear_mean``: C_(t-dt) x0_hat must exist for any x0_hat, which the FP
 embedding's per-image table does not give); on VE they are VE samplers (the C_t = I tests).
 """

@@ -1,0 +1,35 @@
+"""Helpers shared by the network tests: build a preset as Hydra would, count and perturb parameters."""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from helpers import CONF
+
+NETWORK_CONF = CONF / "network"
+
+
+def build_preset(name: str, channels: int, image_size: int | None) -> torch.nn.Module:
+    """Instantiate ``conf/network/<name>.yaml`` as Hydra would, with a stand-in ``data`` group."""
+    cfg = OmegaConf.create(
+        {
+            "data": {"channels": channels, "image_size": image_size},
+            "network": OmegaConf.load(NETWORK_CONF / f"{name}.yaml"),
+        }
+    )
+    return instantiate(cfg.network)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def perturb_zero_params(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give the zero-initialised parameters small random values (an 'after training' network)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))

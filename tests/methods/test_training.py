@@ -1,0 +1,118 @@
+"""The methods' shared base: argument checks, range maps, the divergence guard and its message."""
+
+import pytest
+import torch
+
+from diffusion_lab.errors import ConfigError, TrainingDivergedError
+from diffusion_lab.methods.training import TrainingModule
+from diffusion_lab.stops import naming_last_checkpoint
+
+
+def module(**kwargs) -> TrainingModule:
+    args = {"optimizer": torch.optim.Adam, "data_range": (0.0, 1.0), "model_range": (-1.0, 1.0),
+            "warmup_steps": 0, "run_config": None} | kwargs  # fmt: skip
+    return TrainingModule(**args)
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ConfigError, match="warmup_steps must be >= 0"):
+        module(warmup_steps=-1)
+    with pytest.raises(ConfigError, match="both data_range and model_range"):
+        module(model_range=None)
+
+
+def test_range_maps_invert_each_other():
+    m = module()
+    x = torch.rand(5, 3)
+    assert torch.allclose(m.to_model_range(x), 2 * x - 1)
+    assert torch.allclose(m.to_data_range(m.to_model_range(x)), x)
+    raw = module(data_range=None, model_range=None)
+    assert raw.to_model_range(x) is x and raw.to_data_range(x) is x
+
+
+def test_divergence_names_the_step_and_the_last_checkpoint(tmp_path):
+    m = module()
+    m.check_finite(torch.tensor(1.0))
+    with pytest.raises(TrainingDivergedError) as caught, naming_last_checkpoint(tmp_path):
+        m.check_finite(torch.tensor(float("nan")))
+    message = str(caught.value)
+    assert "at step 0" in message and "lower the learning rate" in message
+    assert "ckpt_path=last" in message and "none written yet" in message
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    with pytest.raises(TrainingDivergedError, match="last good checkpoint: .*last.ckpt"):
+        with naming_last_checkpoint(tmp_path):
+            m.check_finite(torch.tensor(float("inf")))
+
+
+def test_validation_samples_are_drawn_with_the_ema_weights(tmp_path):
+    import functools
+
+    import lightning as L
+
+    from diffusion_lab.callbacks.ema import WarmupEMA
+    from diffusion_lab.data.toy2d import Toy2DDataModule
+    from diffusion_lab.losses.dsm import DenoisingScoreMatching
+    from diffusion_lab.methods.base import DiffusionMethod
+    from diffusion_lab.networks.mlp import MLP
+    from diffusion_lab.processes.sde import VESDE
+    from diffusion_lab.samplers.ddim import ddim
+
+    data = Toy2DDataModule(name="gmm8", n_train=200, n_val=50, n_test=50, batch_size=50)
+    network = MLP(dim=2, hidden=8, depth=1, embed_dim=4, embedding="fourier")
+    method = DiffusionMethod(
+        network, VESDE(sigma_max=5.0, num_steps=10), DenoisingScoreMatching(),
+        functools.partial(ddim, steps=3, progress=False),
+        functools.partial(torch.optim.Adam, lr=1e-2), "score", None, None, num_eval_samples=4,
+    )  # fmt: skip
+    ema = WarmupEMA(decay=0.5)
+    raw, seen = [], []
+
+    class RecordRaw(L.Callback):  # after the EMA update of each step: the raw weights
+        def on_train_batch_end(self, *args):
+            raw.append(network.out.weight.detach().clone())
+
+    def generate(num_samples, *args, **kwargs):
+        seen.append((network.out.weight.detach().clone(), raw[-1]))
+        return torch.zeros(num_samples, 2), 0
+
+    method.generate = generate
+    trainer = L.Trainer(
+        max_steps=8, logger=False, enable_checkpointing=False, callbacks=[ema, RecordRaw()],
+        num_sanity_val_steps=0, enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(method, datamodule=data)
+    assert len(seen) == 2  # one validation per epoch of 4 steps
+    for during_validation, raw_weights in seen:
+        assert not torch.equal(during_validation, raw_weights)  # the averaged ones were in
+    ema_weights = ema._average_model.module.model.network.out.weight
+    assert torch.equal(seen[-1][0], ema_weights)  # exactly the EMA (copied in at the end)
+
+
+def test_reconstruction_scores_of_an_identity_denoiser_follow_the_noise_level():
+    """A network with zero output under ``x0_residual`` returns x_t itself as x0_hat: its PSNR at
+    a VE level sigma is -10 log10(E (sigma z)^2) = -20 log10(sigma) (about 40 dB at 0.01, a bit
+    more since the estimate is clamped to [0, 1]), and both scores fall as the noise grows."""
+    import functools
+
+    from diffusion_lab.methods.base import DiffusionMethod
+    from diffusion_lab.processes.sde import VESDE
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, label):
+            return torch.zeros_like(x)
+
+    method = DiffusionMethod(
+        Zero(), VESDE(sigma_min=0.01, sigma_max=1.0, num_steps=10), None, None,
+        functools.partial(torch.optim.Adam, lr=1e-3), "x0_residual", (0.0, 1.0), (0.0, 1.0),
+        reconstruction_times=(0.0, 0.5, 1.0),
+    )  # fmt: skip
+    images = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    scores = method.reconstruction_scores(images)
+    assert set(scores) == {f"{m}_t{t}" for m in ("ssim", "psnr") for t in ("0", "0.5", "1")}
+    assert 40.0 <= scores["psnr_t0"] <= 41.5
+    assert 20.0 <= scores["psnr_t0.5"] <= 21.5  # sigma(0.5) = 0.1 on the geometric grid
+    assert scores["psnr_t0"] > scores["psnr_t0.5"] > scores["psnr_t1"]
+    assert scores["ssim_t0"] > scores["ssim_t0.5"] > scores["ssim_t1"]
+    assert scores == method.reconstruction_scores(images)  # the same noise at every call
