@@ -175,3 +175,18 @@ def check_config(cfg: DictConfig) -> None:
     check_node("", own, Run)
     check_node("trainer", tree.get("trainer") or {}, L.Trainer)
     check_tree("", tree)
+    check_draws_samples(tree)
+
+
+def check_draws_samples(tree: Mapping[str, Any]) -> None:
+    """``final_samples`` > 0 asks the method to sample: one that takes no sampler (a classifier)
+    cannot."""
+    target = (tree.get("method") or {}).get("_target_")
+    if not tree.get("final_samples") or target is None:
+        return
+    annotations, takes_kwargs = parameters(target_object("method", target))
+    if not takes_kwargs and "sampler" not in annotations:
+        raise ConfigError(
+            f"final_samples={tree['final_samples']}: {target} takes no sampler and draws no "
+            "samples: set final_samples=0"
+        )

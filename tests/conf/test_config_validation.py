@@ -98,6 +98,10 @@ def checked_up_front(monkeypatch, capsys, *args: str) -> subprocess.CompletedPro
         (["sampler=ddmi"], "sampler has no option ddmi: did you mean sampler=ddim?"),
         (["trainer.max_steps=-5"], "trainer.max_steps must be >= -1, got -5"),
         (["final_samples=-1"], "final_samples must be >= 0, got -1"),
+        (
+            ["+experiment=noisy_classifier_digits", "final_samples=4"],
+            "takes no sampler and draws no samples: set final_samples=0",
+        ),
         (["-m", "sampler.steps=0,5"], "sampler.steps must be >= 1, got 0"),
         (["-m", "sampler.steps=5,0"], "sampler.steps must be >= 1, got 0"),
     ],
@@ -130,6 +134,8 @@ def test_every_config_option_fits_the_schema():
                 overrides = ["data=toy2d", "network=mlp"]
             elif group.name == "schedule" and not option.stem.startswith("beta"):
                 overrides = ["process=ve", f"schedule={option.stem}"]
+            elif option.stem == "noisy_classifier":  # draws no samples
+                overrides = ["method=noisy_classifier", "final_samples=0"]
             elif option.parent.name == "blur_schedule":  # the soft blur process's settings
                 overrides = ["process=soft_blur", f"process/blur_schedule={option.stem}"]
             else:
