@@ -141,23 +141,29 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
 
 
-def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    """3x3 convolution with 'same' padding (stride 2 halves the size)."""
-    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1)
+def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
+    """3x3 convolution with 'same' padding."""
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
 
 
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3x3 conv (DDPM ``downsample(with_conv=True)``).
 
-    Takes (and ignores) ``temb`` so that a U-Net can call all its blocks alike.
+    Padded by one row and one column at the end (bottom, right), none at the start: TF's
+    ``padding='SAME'`` at stride 2 on an even size, as in DDPM's ``diffusion_tf/nn.py`` conv2d,
+    diffusers' ``Downsample2D(padding=0)`` and Score SDE's ``layers.Downsample``. Symmetric
+    padding by 1 shifts every downsampled map by one pixel against weights trained so (with
+    diffusers' weights copied in, outputs 0.65 off where they reach 1.3). On an odd size the
+    output is floor(H / 2), as diffusers'. Takes (and ignores) ``temb`` so that a U-Net can call
+    all its blocks alike.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = conv3x3(channels, channels, stride=2)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):

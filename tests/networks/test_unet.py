@@ -11,6 +11,7 @@ from helpers.networks import build_preset, n_params, perturb_zero_params
 
 from diffusion_lab.networks import MLP, UNet
 from diffusion_lab.networks.layers import (
+    Downsample,
     NetworkConfigError,
     num_groups,
     timestep_embedding,
@@ -65,6 +66,28 @@ def test_ddpm_cifar10_preset_has_the_papers_35_7m_parameters() -> None:
 def test_celeba_preset_builds_for_64x64() -> None:
     net = build_preset("unet_ddpm_celeba", 3, 64)
     assert n_params(net) == 78_700_803
+
+
+def test_downsample_pads_as_tf_same_at_stride_2() -> None:
+    """DDPM's stride-2 conv has TF's padding 'SAME': out = ceil(H / 2) and, of the
+    (out - 1) * 2 + 3 - H rows of padding (1 on an even size), total // 2 (none) go before; so
+    output (i, j) reads input rows 2i .. 2i + 2 and columns 2j .. 2j + 2, zeros past the end."""
+    torch.manual_seed(0)
+    layer = Downsample(2).double()
+    w, b = layer.conv.weight, layer.conv.bias
+    for size in (2, 4, 6, 8):
+        out = -(-size // 2)
+        before = ((out - 1) * 2 + 3 - size) // 2
+        x = torch.randn(1, 2, size, size, dtype=torch.float64)
+        expected = b[None, :, None, None].repeat(1, 1, out, out)
+        for i in range(out):
+            for j in range(out):
+                for di in range(3):
+                    for dj in range(3):
+                        r, c = 2 * i + di - before, 2 * j + dj - before
+                        if 0 <= r < size and 0 <= c < size:
+                            expected[0, :, i, j] += w[:, :, di, dj] @ x[0, :, r, c]
+        torch.testing.assert_close(layer(x), expected)
 
 
 def test_mlp_preset_and_shapes() -> None:
