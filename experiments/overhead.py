@@ -31,7 +31,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from diffusion_lab.build import build_datamodule, build_method, build_trainer, compose_config
-from diffusion_lab.callbacks.ema import warmup_ema_decay
+from diffusion_lab.callbacks.ema import WarmupEMA
 from diffusion_lab.run import config_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,9 +96,7 @@ def plain_arm(steps: int, warmup: int, initial: dict) -> float:
     optimizer = cfg.optimizer
     adam = torch.optim.Adam(network.parameters(), lr=float(optimizer.lr))
     decay = float(cfg.callbacks.ema.decay)
-    ema = AveragedModel(network, use_buffers=False,
-                        avg_fn=lambda avg, new, n: (lambda d: d * avg + (1 - d) * new)(
-                            warmup_ema_decay(decay, int(n))))  # fmt: skip
+    ema = AveragedModel(network, use_buffers=False, multi_avg_fn=WarmupEMA(decay)._average)
     loader = datamodule.train_dataloader()
     method.train()
     step, start = 0, 0.0

@@ -26,7 +26,7 @@ class WarmupEMA(WeightAveraging):
     def __init__(self, decay: OpenUnitFloat = 0.9999, warmup: bool = True) -> None:
         self.decay = decay
         self.warmup = warmup
-        super().__init__(use_buffers=False, avg_fn=self._average)
+        super().__init__(use_buffers=False, multi_avg_fn=self._average)
         self.swapped = False  # the EMA weights are in the model (during a validation)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -59,8 +59,20 @@ class WarmupEMA(WeightAveraging):
             self.swapped = False
 
     def _average(
-        self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
-    ) -> torch.Tensor:
-        n = int(num_averaged)
-        decay = warmup_ema_decay(self.decay, n) if self.warmup else self.decay
-        return decay * averaged + (1 - decay) * current
+        self,
+        averaged: list[torch.Tensor],
+        current: list[torch.Tensor],
+        num_averaged: torch.Tensor,
+    ) -> None:
+        """averaged <- decay * averaged + (1 - decay) * current for a group of tensors of one
+        device and dtype (torch's multi_avg_fn), by foreach kernels. The decay is computed on
+        that device from the update count (float64, as the Python float it replaces), so an
+        update never waits for the device: no host sync per parameter."""
+        n = num_averaged.to(torch.float64)
+        decay = n.new_tensor(self.decay)
+        if self.warmup:
+            decay = torch.minimum(decay, (1 + n) / (10 + n))  # warmup_ema_decay
+        dtype = averaged[0].dtype  # a half type computes in float32, as with a Python scalar
+        opmath = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        torch._foreach_mul_(averaged, decay.to(opmath))
+        torch._foreach_add_(averaged, torch._foreach_mul(current, (1 - decay).to(opmath)))
