@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from diffusion_lab.errors import ConfigError, TrainingDivergedError
@@ -21,8 +22,9 @@ class TrainingModule(L.LightningModule):
     ``model_range`` (DDPM trains on [-1, 1]); ``None`` for both leaves them as they are (2-D
     points). Optimiser: the given partial with a linear learning-rate warm-up over
     ``warmup_steps``; a resumed run trains at its own configured learning rate, not the
-    checkpoint's (:meth:`apply_configured_learning_rates`). Checkpoints keep the global RNG state, so that resuming is exact. Only
-    primitives are saved as hyper-parameters (``run_config``), so checkpoints load with
+    checkpoint's (:meth:`apply_configured_learning_rates`). Checkpoints keep the global RNG
+    states, so that resuming is exact; each DDP rank draws its own noise (:meth:`seed_this_rank`).
+    Only primitives are saved as hyper-parameters (``run_config``), so checkpoints load with
     ``weights_only=True``.
     """
 
@@ -86,16 +88,41 @@ class TrainingModule(L.LightningModule):
         return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the global RNG state (noise and time draws), so resuming is exact."""
+        """Keep the global RNG states (noise and time draws: the CPU generator's, and every
+        CUDA device's once CUDA is in use), so resuming is exact."""
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_initialized():
+            checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
+        cuda_states = checkpoint.get("cuda_rng_states")
+        if cuda_states and torch.cuda.is_available():
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+            else:  # another machine: the CPU stream is exact, the device streams are new
+                log.info(
+                    "the checkpoint kept %d CUDA noise streams, this machine has %d: new ones",
+                    len(cuda_states),
+                    torch.cuda.device_count(),
+                )
 
     def on_train_start(self) -> None:
-        """Lightning has restored the optimiser and scheduler of a resumed run by now."""
+        """Lightning has restored the optimiser, scheduler and RNG of a resumed run by now."""
+        self.seed_this_rank()
         self.apply_configured_learning_rates()
+
+    def seed_this_rank(self) -> None:
+        """Give each DDP rank its own noise stream. Every rank starts from the run's seed (so
+        all build the same initial weights) and would otherwise draw the same t and z for its
+        own part of the data. One draw of that shared stream, mixed with the rank by numpy's
+        SeedSequence, seeds each rank; a single process keeps its stream untouched."""
+        if self.trainer.world_size == 1:
+            return
+        shared = int(torch.randint(2**62, (1,)))
+        mixed = np.random.SeedSequence([shared, self.trainer.global_rank]).generate_state(2)
+        torch.manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
 
     def apply_configured_learning_rates(self) -> None:
         """Give a resumed run the learning rate of its config: the restored optimiser and

@@ -116,3 +116,62 @@ def test_reconstruction_scores_of_an_identity_denoiser_follow_the_noise_level():
     assert scores["psnr_t0"] > scores["psnr_t0.5"] > scores["psnr_t1"]
     assert scores["ssim_t0"] > scores["ssim_t0.5"] > scores["ssim_t1"]
     assert scores == method.reconstruction_scores(images)  # the same noise at every call
+
+
+def toy_method():
+    import functools
+
+    from diffusion_lab.losses.dsm import DenoisingScoreMatching
+    from diffusion_lab.methods.base import DiffusionMethod
+    from diffusion_lab.networks.mlp import MLP
+    from diffusion_lab.processes.sde import VESDE
+
+    network = MLP(dim=2, hidden=8, depth=1, embed_dim=4, embedding="fourier")
+    return DiffusionMethod(
+        network, VESDE(sigma_max=5.0, num_steps=10), DenoisingScoreMatching(), None,
+        functools.partial(torch.optim.Adam, lr=1e-2), "score", None, None,
+    )  # fmt: skip
+
+
+def draws_after_seeding(method, world_size: int, rank: int) -> torch.Tensor:
+    """The first training draws of ``rank`` after every rank was seeded with the run's seed."""
+    from types import SimpleNamespace
+
+    method._trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+    torch.manual_seed(0)
+    method.seed_this_rank()
+    return torch.rand(1000)
+
+
+def test_each_ddp_rank_draws_its_own_noise_and_one_process_keeps_its_stream():
+    """Every rank was seeded alike (the same initial weights) and drew the same t and z for
+    different data; now each of 4 ranks has its own stream, the same at every start."""
+    method = toy_method()
+    ranks = [draws_after_seeding(method, 4, rank) for rank in range(4)]
+    for i in range(4):
+        for j in range(i):
+            assert (ranks[i] == ranks[j]).float().mean() < 0.01
+    assert torch.equal(ranks[2], draws_after_seeding(method, 4, 2))
+    single = draws_after_seeding(method, 1, 0)
+    torch.manual_seed(0)
+    assert torch.equal(single, torch.rand(1000))
+
+
+def test_checkpoints_keep_the_cuda_noise_streams(monkeypatch):
+    """A resumed GPU run restarted the CUDA noise stream: only the CPU generator was kept.
+    (CUDA is simulated: the states are what ``torch.cuda`` returns and is given back.)"""
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    method, checkpoint = toy_method(), {}
+    method.on_save_checkpoint(checkpoint)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    method.on_load_checkpoint(checkpoint)
+    assert len(restored) == 2 and all(map(torch.equal, restored, states))
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # another machine
+    method.on_load_checkpoint(checkpoint)
+    assert restored == []
