@@ -245,7 +245,8 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def final_evaluation(method, datamodule, num_samples: int, run_dir: Path) -> dict[str, float]:
-    """Draw ``num_samples`` with the trained weights; save them and their scores.
+    """Draw ``num_samples`` with the trained weights, on the device that trained them; save
+    them and their scores.
 
     NaN or infinite samples are neither saved nor scored (FID's eigenvalue solver crashes on
     them): one line says so. Ctrl-C here ends with the command that samples (or scores) again.
@@ -258,7 +259,9 @@ def final_evaluation(method, datamodule, num_samples: int, run_dir: Path) -> dic
     )
     with final_stage(run_dir, "sampling", sample_again):
         log.info("final sampling: %d samples with the final weights", num_samples)
+        method.to(method.trainer.strategy.root_device)  # fit ends with the model on the CPU
         samples, nfe = method.generate(num_samples)
+        samples = samples.cpu()
         check_samples_finite(
             samples,
             f"final samples (step {method.global_step})",

@@ -2,7 +2,11 @@
 
 Rebuilds the run's config from its recorded Hydra overrides plus new ones (e.g. ``sampler=pc
 sampler.steps=500``), loads the EMA weights of ``checkpoints/last.ckpt`` with
-``weights_only=True`` and writes ``samples_<sampler>.png`` / ``.pt`` into the run folder.
+``weights_only=True`` and writes ``samples_<sampler>.pt`` (all samples, data range),
+``samples_<sampler>.png`` (the first 256) and, for images, ``samples_<sampler>.npz`` (``--npz``
+elsewhere: uint8 (N, H, W, C) as ``arr_0``, the evaluators' format) into the run folder. The
+samples are drawn in batches of ``--batch-size`` on ``--devices`` devices of ``--accelerator``
+(``sharded_sampling``); neither changes them.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from omegaconf import open_dict
 from diffusion_lab.build import build_datamodule, build_method, compose_config, load_checkpoint
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.metrics.evaluator import check_samples_finite
+from diffusion_lab.npz import save_npz
 from diffusion_lab.run import config_dir
 from diffusion_lab.schema import check_config
+from diffusion_lab.sharded_sampling import ACCELERATORS, check_devices, draw_on_devices
 from diffusion_lab.stops import one_line_errors
 
 T = TypeVar("T")
@@ -97,16 +104,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sampler=pc")
     parser.add_argument("--num-samples", type=positive_int, default=64)
+    parser.add_argument(
+        "--batch-size", type=positive_int, help="samples per batch (method.sample_batch_size)"
+    )
+    parser.add_argument("--devices", type=positive_int, default=1, help="processes (DDP if > 1)")
+    parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto")
+    parser.add_argument("--npz", type=Path, help="the .npz path (default: in the run folder)")
     parser.add_argument("--evaluate", action="store_true", help="also score the samples")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     with one_line_errors():
+        accelerator = check_devices(args.accelerator, args.devices)
         cfg, method, datamodule = load_run(args.run_dir, args.overrides)
-        shape = datamodule.data_shape
-        samples, nfe = method.generate(args.num_samples, sample_shape=shape)
+        shape = tuple(datamodule.data_shape)
+        if args.npz is not None and len(shape) != 3:
+            raise ConfigError(f"--npz needs images, and this run draws points of shape {shape}")
+        drawn = draw_on_devices(
+            method, args.num_samples, shape, args.batch_size, accelerator, args.devices,
+            args.run_dir,
+        )  # fmt: skip
+        if drawn is None:  # another rank's: rank 0 writes
+            return
+        samples, nfe = drawn
         name = cfg.sampler._target_.rsplit(".", 1)[-1]
         torch.save(samples, args.run_dir / f"samples_{name}.pt")
-        picture = save_samples_picture(samples, args.run_dir / f"samples_{name}.png")
+        picture = save_samples_picture(samples[:256], args.run_dir / f"samples_{name}.png")
         report = {"sampler": name, "nfe": nfe, "num_samples": args.num_samples, "png": str(picture)}
+        if len(shape) == 3:
+            check_samples_finite(
+                samples,
+                f"samples drawn from {args.run_dir}",
+                f"samples_{name}.pt holds them, no .npz was written; draw them with another "
+                "sampler (sampler=NAME)",
+            )
+            npz = args.npz or args.run_dir / f"samples_{name}.npz"
+            report["npz"] = str(save_npz(samples, method.data_range, npz))
         if args.evaluate and method.evaluator is not None:
             report.update(method.evaluator(samples, datamodule))
         print(json.dumps(report, indent=2))

@@ -9,11 +9,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from diffusion_lab.config_types import NonNegativeInt, Probability
+from diffusion_lab.config_types import NonNegativeInt, PositiveInt, Probability
 from diffusion_lab.methods.training import TrainingModule
 from diffusion_lab.metrics import image_quality
 from diffusion_lab.metrics.evaluator import check_samples_finite
 from diffusion_lab.processes.base import ForwardProcess
+from diffusion_lab.sample_streams import SampleStreams
 from diffusion_lab.samplers.base import SampleResult
 from diffusion_lab.score_model import ScoreModel
 
@@ -40,6 +41,9 @@ class DiffusionMethod(TrainingModule):
     samples, which ``evaluator`` scores against held-out data, and, for images, the clean-image
     estimate from x_t at each of ``reconstruction_times`` is scored against the first
     validation batch (``recon/ssim_t*``, ``recon/psnr_t*``): SSIM curves beside FID-type ones.
+    Samples are drawn in batches of ``sample_batch_size``, sample i seeded from
+    (``sample_seed``, i), so that neither the batch size nor the number of devices that share
+    the batches (``diffusion_lab.sample --devices``) changes them (:meth:`generate`).
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class DiffusionMethod(TrainingModule):
         warmup_steps: int = 0,
         num_eval_samples: NonNegativeInt = 256,
         sample_seed: int = 0,
+        sample_batch_size: PositiveInt = 256,
         dequantize: bool = False,
         reconstruction_times: Sequence[Probability] = (),
         evaluator: Evaluator | None = None,
@@ -68,6 +73,7 @@ class DiffusionMethod(TrainingModule):
         self.num_eval_samples = num_eval_samples
         self.reconstruction_times = tuple(reconstruction_times)
         self.sample_seed = sample_seed
+        self.sample_batch_size = sample_batch_size
         self.dequantize = dequantize
         self.evaluator = evaluator
         self.last_samples: torch.Tensor | None = None
@@ -171,25 +177,56 @@ class DiffusionMethod(TrainingModule):
             return {}
         return self.evaluator(samples, datamodule or self.trainer.datamodule)
 
-    @torch.no_grad()
-    def generate(
-        self, num_samples: int, sample_shape: Sequence[int] | None = None, **sampler_options: Any
-    ) -> tuple[torch.Tensor, int]:
-        """Draw samples in data range with the current weights; returns (samples, NFE).
+    @property
+    def batch_alignment(self) -> int:
+        """Every sample batch but the last holds a multiple of this many samples (a method
+        whose samples depend on their position in the batch says which)."""
+        return 1
 
-        Seeded by ``sample_seed``: the same weights give the same samples on the same device.
-        ``sample_shape`` (of one example) defaults to the attached DataModule's ``data_shape``.
-        """
-        shape = (num_samples, *(sample_shape or self.trainer.datamodule.data_shape))
-        generator = torch.Generator(device=self.device).manual_seed(self.sample_seed)
-        x_init = self.process.prior_sampling(shape, generator=generator, device=self.device)
+    def sample_batches(self, num_samples: int, batch_size: int | None = None) -> list[range]:
+        """The global indices of each batch that draws ``num_samples`` samples: ``batch_size``
+        (default ``sample_batch_size``) rounded up to a multiple of :attr:`batch_alignment`."""
+        align = self.batch_alignment
+        size = -(-(batch_size or self.sample_batch_size) // align) * align
+        return [range(i, min(i + size, num_samples)) for i in range(0, num_samples, size)]
+
+    @torch.no_grad()
+    def draw(
+        self, indices: range, sample_shape: Sequence[int], **sampler_options: Any
+    ) -> tuple[torch.Tensor, int]:
+        """Samples number ``indices`` in data range with the current weights, on this module's
+        device; returns (samples, NFE). Sample i takes all its noise from its own stream, seeded
+        from (``sample_seed``, i) (``sample_streams``), so it is the same in any batch."""
+        streams = SampleStreams(self.sample_seed, indices, self.device)
+        shape = (len(indices), *sample_shape)
+        x_init = self.process.prior_sampling(shape, generator=streams, device=self.device)
         was_training = self.training
         self.eval()
         result = self.sampler(
-            self.model, self.process, x_init, generator=generator, **sampler_options
+            self.model, self.process, x_init, generator=streams, **sampler_options
         )
         self.train(was_training)
         return self.to_data_range(result.samples), result.nfe
+
+    def generate(
+        self,
+        num_samples: int,
+        sample_shape: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        **sampler_options: Any,
+    ) -> tuple[torch.Tensor, int]:
+        """Draw ``num_samples`` samples in data range, in batches of ``batch_size`` (default
+        ``sample_batch_size``), with the current weights; returns (samples, NFE: the most any
+        batch took). Sample i is seeded from (``sample_seed``, i): the same samples for any
+        batch size, on the same device (to float rounding: a kernel may sum in another order for
+        another batch size). ``sample_shape`` (of one example) defaults to the attached
+        DataModule's ``data_shape``."""
+        shape = tuple(sample_shape or self.trainer.datamodule.data_shape)
+        drawn = [
+            self.draw(batch, shape, **sampler_options)
+            for batch in self.sample_batches(num_samples, batch_size)
+        ]
+        return torch.cat([samples for samples, _ in drawn]), max(nfe for _, nfe in drawn)
 
 
 def count_parameters(module: nn.Module) -> int:

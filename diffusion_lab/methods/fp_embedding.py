@@ -270,6 +270,12 @@ class ScoreEmbeddingMethod(DiffusionMethod):
         if not isinstance(self.loss_fn, ScoreEmbeddingLoss):
             raise ConfigError("method=fp_embedding needs loss=score_embedding (eq. 24)")
 
+    @property
+    def batch_alignment(self) -> int:
+        """Sample b is image b mod K within its batch: batches of a multiple of K keep sample i
+        on image i mod K in any batch."""
+        return max(self.process.num_images, 1)
+
     def on_fit_start(self) -> None:
         """Estimate the memory of the precomputation and of training and stop if it is not
         there; then embed each distinct training image once, found without stacking the copies

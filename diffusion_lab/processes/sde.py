@@ -23,6 +23,7 @@ import torch
 from diffusion_lab import schedules
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
+from diffusion_lab.sample_streams import rand, randn
 from diffusion_lab.utils import append_dims, time_dtype
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -120,7 +121,7 @@ class SDE(ForwardProcess):
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """A draw from the prior N(0, prior_std^2 I)."""
-        return self.prior_std() * torch.randn(shape, generator=generator, device=device)
+        return self.prior_std() * randn(shape, generator, device)
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, prior_std^2 I) per example."""
@@ -291,7 +292,7 @@ class VESDE(SDE):
         if self.prior == "gaussian":
             return super().prior_sampling(shape, generator, device)
         low, high = self.prior_range
-        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+        return low + (high - low) * rand(shape, generator, device)
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log density of the prior at z per example (-inf outside the uniform prior's box)."""

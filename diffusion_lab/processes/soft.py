@@ -21,6 +21,7 @@ from diffusion_lab.operators import (
     LinearOperator,
 )
 from diffusion_lab.processes.corruption import LinearCorruption
+from diffusion_lab.sample_streams import randint, randn
 from diffusion_lab.schedules.soft import (
     BlurSchedule,
     BlurScheduleSettings,
@@ -203,11 +204,11 @@ class SoftCorruption(LinearCorruption):
             )
         n = shape[0]
         if self.prior == "blurred_data":
-            index = torch.randint(len(self.prior_bank), (n,), generator=generator, device=device)
+            index = randint(len(self.prior_bank), (n,), generator, device)
             return self.prior_bank.to(device)[index]
         mean = self.prior_colour_mean.to(device)
         chol = self.prior_colour_chol.to(device)
-        z = torch.randn(n, len(mean), generator=generator, device=device, dtype=mean.dtype)
+        z = randn((n, len(mean)), generator, device, mean.dtype)
         colour = mean + z @ chol.T
         flat = colour.reshape(n, len(mean), *(1,) * (len(shape) - 2)).expand(shape)
         ones = torch.ones(n, dtype=mean.dtype, device=device)
@@ -221,7 +222,7 @@ class SoftCorruption(LinearCorruption):
     ) -> torch.Tensor:
         """x_1 = C_1 x0 + sigma_1 eta with C_1 x0 from the fitted prior (class docstring)."""
         mean = self.prior_mean(shape, generator, device)
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        noise = randn(mean.shape, generator, device, mean.dtype)
         return mean + self.sigma_max * noise
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import CAPABILITIES, ForwardProcess
+from diffusion_lab.sample_streams import Generator, randn
 from diffusion_lab.samplers.grids import continuous_grid, level_grid, sampling_times
 from diffusion_lab.utils import batch_time, time_dtype
 
@@ -182,9 +183,10 @@ def initial_state(
     return process.prior_sampling(tuple(x_or_shape), generator=generator, device=device or "cpu")
 
 
-def gaussian_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, from ``generator`` when given (reproducible)."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def gaussian_like(x: torch.Tensor, generator: Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, from ``generator`` when given (reproducible; per
+    sample for :class:`~diffusion_lab.sample_streams.SampleStreams`)."""
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def step_pairs(

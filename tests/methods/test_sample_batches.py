@@ -1,0 +1,66 @@
+"""Sampling in batches: sample i is seeded from (sample_seed, i), so batches of 1, 3 or all N
+samples give the same images; the batches cover 0..N-1 in order, aligned where a method asks."""
+
+import functools
+
+import pytest
+import torch
+
+from diffusion_lab.methods.base import DiffusionMethod
+from diffusion_lab.networks.unet import UNet
+from diffusion_lab.processes.sde import VPSDE
+from diffusion_lab.samplers.ancestral import ancestral
+from diffusion_lab.samplers.dpm_solver import dpm_solver_pp
+
+SHAPE = (1, 8, 8)
+N = 7
+
+
+def image_method(sampler, sample_seed: int = 0, sample_batch_size: int = 256) -> DiffusionMethod:
+    """An untrained 8x8 DDPM U-Net: random weights draw varied images."""
+    torch.manual_seed(0)
+    network = UNet(1, 8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                   attn_resolutions=(), dropout=0.0)  # fmt: skip
+    return DiffusionMethod(
+        network, VPSDE(), None, sampler, None, "eps", (0.0, 1.0), (-1.0, 1.0),
+        sample_seed=sample_seed, sample_batch_size=sample_batch_size,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [functools.partial(ancestral, steps=5, progress=False),
+     functools.partial(dpm_solver_pp, steps=5, stochastic=True, progress=False)],
+    ids=["ancestral", "sde_dpm_solver_pp"],
+)  # fmt: skip
+def test_batch_sizes_one_three_and_n_give_the_same_images(sampler):
+    method = image_method(sampler)
+    whole, nfe = method.generate(N, SHAPE, batch_size=N)
+    assert whole.shape == (N, *SHAPE) and nfe == 5
+    for batch_size in (1, 3):
+        batched, _ = method.generate(N, SHAPE, batch_size=batch_size)
+        torch.testing.assert_close(batched, whole, rtol=0, atol=1e-5)  # float rounding at most
+    alone, _ = method.draw(range(4, 5), SHAPE)  # sample 4 drawn by itself
+    torch.testing.assert_close(alone[0], whole[4], rtol=0, atol=1e-5)
+    other_seed, _ = image_method(sampler, sample_seed=1).generate(N, SHAPE)
+    assert (other_seed - whole).abs().amax() > 0.1  # the seed matters: the check can fail
+    assert (whole[1:] - whole[:1]).abs().amax() > 0.1  # and the samples differ
+
+
+def test_the_default_batch_size_is_sample_batch_size():
+    sampler = functools.partial(ancestral, steps=2, progress=False)
+    method = image_method(sampler, sample_batch_size=3)
+    assert method.sample_batches(N) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert method.sample_batches(N, 256) == [range(0, 7)]
+
+
+def test_batches_are_a_multiple_of_the_alignment():
+    class EveryThird(DiffusionMethod):
+        batch_alignment = 3  # as the FP embedding's three images would ask
+
+    sampler = functools.partial(ancestral, steps=2, progress=False)
+    method = EveryThird(UNet(1, 8, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                             attn_resolutions=(), dropout=0.0),
+                        VPSDE(), None, sampler, None, "eps", (0.0, 1.0), (-1.0, 1.0))  # fmt: skip
+    assert method.sample_batches(8, 1) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert method.sample_batches(8, 4) == [range(0, 6), range(6, 8)]
