@@ -1,13 +1,15 @@
-"""Loggers of the project: Lightning's CSV logger, made to keep its rows across a resume."""
+"""Loggers of the project: Lightning's CSV and W&B loggers, made to keep their rows and their run
+across a resume."""
 
 from __future__ import annotations
 
 import csv
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.build import resolve_checkpoint
@@ -50,3 +52,30 @@ class ResumableCSVLogger(CSVLogger):
         """Queue the kept rows ahead of the new ones (once)."""
         self._kept = None
         self.experiment.metrics[:0] = rows
+
+
+#: The file in a run folder that holds its W&B run id.
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def kept_run_id(run_dir: Path) -> str:
+    """The W&B run id of ``run_dir``: made once (8 hex characters, as W&B's own) and kept in the
+    folder, so every start in that folder (a resume, a requeued job, each DDP rank) names the
+    same W&B run; a new folder is a new run."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+class ResumableWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` with the run folder's kept run id and ``resume="allow"``: a
+    resumed run continues its W&B run (its curves go on from the checkpoint's step) instead of
+    starting a new one."""
+
+    def __init__(self, save_dir: str, **kwargs: Any) -> None:
+        run_id = kept_run_id(Path(save_dir))
+        super().__init__(save_dir=save_dir, id=run_id, resume="allow", **kwargs)
