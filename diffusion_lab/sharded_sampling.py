@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.methods.base import DiffusionMethod
+from diffusion_lab.stops import loop_interrupts_named
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 #: One batch's result: (its number, its samples on the CPU, its NFE).
@@ -120,9 +121,11 @@ def draw_on_devices(
         default_root_dir=root_dir,
     )
     loader = DataLoader(BatchNumbers(len(batches)), batch_size=1)
+    stopped = "while sampling: nothing was written; run the command again"
     with warnings.catch_warnings(), redirect_stdout(sys.stderr):  # stdout: the caller's report
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        drawn = trainer.predict(BatchDrawer(method, batches, sample_shape), loader)
+        with loop_interrupts_named(trainer, stopped):
+            drawn = trainer.predict(BatchDrawer(method, batches, sample_shape), loader)
     gathered = gather_on_rank_zero(drawn)
     if gathered is None:
         return None

@@ -120,10 +120,15 @@ def kept_checkpoint(run_dir: Path) -> str:
     return f"checkpoint kept at {path}" if path.is_file() else "no checkpoint was written"
 
 
+def interrupt_of(trainer: L.Trainer) -> tuple[str, int]:
+    """What stopped a Lightning loop (``Ctrl-C`` or ``SIGTERM``) and the exit code it gets."""
+    return ("SIGTERM", SIGTERM_EXIT) if trainer.received_sigterm else ("Ctrl-C", SIGINT_EXIT)
+
+
 def interrupted_in_training(run_dir: Path, trainer: L.Trainer, resume: str) -> RunInterrupted:
     """The line of a fit stopped by Ctrl-C or SIGTERM (Lightning has saved last.ckpt);
     ``resume`` is the command that resumes it."""
-    what, code = ("SIGTERM", SIGTERM_EXIT) if trainer.received_sigterm else ("Ctrl-C", SIGINT_EXIT)
+    what, code = interrupt_of(trainer)
     if not last_checkpoint_path(run_dir).is_file():
         return RunInterrupted(
             f"interrupted ({what}) at step {trainer.global_step}: no checkpoint was written, "
@@ -177,6 +182,26 @@ def naming_last_checkpoint(
         raise TrainingFailedError(
             f"training stopped {what} (traceback in {run_dir / 'error.log'}) {resume_hint(run_dir)}"
         ) from None
+
+
+@contextmanager
+def loop_interrupts_named(trainer: L.Trainer, where: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM in a Lightning loop other than fit (Lightning catches Ctrl-C, then
+    exits 1; only fit acts on its SIGTERM flag, so SIGTERM raises here): one line,
+    "interrupted (Ctrl-C) <where>", exit 130 (143); the other ranks exit with that code and no
+    line."""
+    try:
+        with sigterm_raises():  # Lightning calls this handler after its own
+            yield
+    except (SystemExit, KeyboardInterrupt, Terminated) as exc:
+        if isinstance(exc, SystemExit) and trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+    if trainer.state.status != TrainerStatus.INTERRUPTED:
+        return
+    what, code = interrupt_of(trainer)
+    if not trainer.is_global_zero:
+        sys.exit(code)
+    raise RunInterrupted(f"interrupted ({what}) {where}", code)
 
 
 @contextmanager

@@ -253,3 +253,30 @@ def test_a_bar_that_ctrl_c_stopped_in_its_constructor_does_not_hide_the_stop_lin
     finally:
         tqdm._instances.discard(half_built)
         half_built.disable = True  # so that its __del__ has nothing to close
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "Ctrl-C"),
+                                              (signal.SIGTERM, 143, "SIGTERM")])  # fmt: skip
+def test_an_interrupt_while_sampling_a_run_folder_is_one_line(tmp_path, sig, code, name):
+    """Ctrl-C (SIGTERM) once ``python -m diffusion_lab.sample`` draws (Lightning's predict
+    loop, which catches it and exited 1): exit 130 (143), one last line, nothing written."""
+    run_dir = tmp_path / "run"
+    trained = run(*TINY, *QUIET, "trainer.max_steps=2", "final_samples=0",
+                  f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-3000:]
+    err = tmp_path / "sample.err"
+    with open(tmp_path / "sample.out", "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "diffusion_lab.sample", str(run_dir), "--num-samples", "2000",
+             "sampler.steps=1000", "sampler.progress=true"],
+            stdout=stdout, stderr=stderr, env=env(), preexec_fn=as_from_a_terminal,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "dpm_solver++:" in text_of(err), "the sampler's bar", process)
+        process.send_signal(sig)
+        assert process.wait(timeout=300) == code, text_of(err)[-3000:]
+    finally:
+        process.kill()
+    line = assert_one_stop_line_last(text_of(err), "diffusion_lab: interrupted:")
+    assert f"interrupted ({name}) while sampling: nothing was written" in line
+    assert not list(run_dir.glob("samples_*"))
