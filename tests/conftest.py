@@ -1,5 +1,5 @@
 """Shared test settings: a private cache for the digits classifier (one for all workers), one
-thread per process, and hypothesis's profile.
+thread per process, hypothesis's profile, and tests marked ``gpu`` skipped where CUDA is absent.
 
 Small tensors gain nothing from two OpenMP threads, and on a 2-core machine busy with another
 process they lose 10-20x; `make test` runs two pytest workers of one thread each instead.
@@ -34,3 +34,14 @@ def _project_cache(tmp_path_factory):
     os.environ.setdefault("DIFFUSION_LAB_CACHE", str(cache))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped here with a reason, run by ``pytest -m gpu`` on a
+    GPU machine."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run pytest -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

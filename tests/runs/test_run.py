@@ -178,3 +178,22 @@ def test_a_dead_ddp_rank_is_named_by_the_survivor(tmp_path):
     assert f"rank 1 of 2 (pid {pid}) died or was killed" in errors[0]
     assert "ckpt_path=last" in errors[0]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0
+
+
+@pytest.mark.gpu
+def test_a_gpu_run_trains_samples_there_and_keeps_its_cuda_noise_stream(tmp_path):
+    """trainer=gpu: training, the final samples and ``sample --accelerator gpu`` run on CUDA;
+    the checkpoint keeps the CUDA RNG states."""
+    gpu = [override for override in TINY if not override.startswith("trainer=")]
+    result = run(tmp_path, "trainer=gpu", *gpu, "trainer.max_steps=3",
+                 "trainer.check_val_every_n_epoch=1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3 and checkpoint["cuda_rng_states"]
+    sampled = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.sample", str(tmp_path), "--num-samples", "4",
+         "--accelerator", "gpu"],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert json.loads(sampled.stdout)["num_samples"] == 4

@@ -5,6 +5,7 @@ bfloat16 inputs come back in their own dtype with the model never seeing another
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -86,7 +87,7 @@ class Recording:
 
     def __init__(self, process: SDE, with_denoised: bool = False) -> None:
         self.score, self.process = gaussian_score(process), process
-        self.calls, self.x_dtypes, self.t_dtypes = 0, set(), set()
+        self.calls, self.x_dtypes, self.t_dtypes, self.devices = 0, set(), set(), set()
         if with_denoised:
             self.denoised = self._denoised
 
@@ -94,6 +95,7 @@ class Recording:
         self.calls += 1
         self.x_dtypes.add(x.dtype)
         self.t_dtypes.add(t.dtype)
+        self.devices |= {x.device, t.device}
         return self.score(x, t)
 
     def _denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -160,17 +162,13 @@ def one_pair_per_sampler() -> list[tuple[str, str]]:
     return sorted(chosen.items())
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("sampler, process_name", one_pair_per_sampler())
-def test_samples_keep_the_input_dtype_and_the_model_sees_no_other(sampler, process_name, dtype):
-    """A bfloat16 or float64 initial state: the samples and the trajectory come back in it,
-    the model is only handed x in it and times in float32 (bfloat16) or float64, and the
-    result is finite (a bfloat16 time, or a schedule looked up in bfloat16, crashed every
-    sampler with an index out of range)."""
-    process = built("process", process_name)
+def sample_on(device: str, sampler: str, process_name: str, dtype: torch.dtype):
+    """``sampler`` on ``process_name`` from a prior draw in ``dtype`` on ``device``, 8 steps,
+    with its trajectory: (the result, the recording model, the initial state)."""
+    process = copy.deepcopy(built("process", process_name)).to(device)  # the cached one stays
     model = Recording(process)
-    generator = torch.Generator().manual_seed(0)
-    x = process.prior_sampling((64, 1), generator=generator).to(dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    x = process.prior_sampling((64, 1), generator=generator, device=device).to(dtype)
     options = {k: v for k, v in GENEROUS[sampler].items() if k != "steps"}
     if sampler != "ode":
         options["steps"] = 8
@@ -178,10 +176,34 @@ def test_samples_keep_the_input_dtype_and_the_model_sees_no_other(sampler, proce
         options["n_steps_each"] = 5
     result = built("sampler", sampler)(model, process, x, generator=generator, progress=False,
                                        return_trajectory=sampler != "ode", **options)  # fmt: skip
+    return result, model, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sampler, process_name", one_pair_per_sampler())
+def test_samples_keep_the_input_dtype_and_the_model_sees_no_other(sampler, process_name, dtype):
+    """A bfloat16 or float64 initial state: the samples and the trajectory come back in it,
+    the model is only handed x in it and times in float32 (bfloat16) or float64, and the
+    result is finite (a bfloat16 time, or a schedule looked up in bfloat16, crashed every
+    sampler with an index out of range)."""
+    result, model, x = sample_on("cpu", sampler, process_name, dtype)
     assert result.samples.dtype == dtype
     assert {state.dtype for state in result.trajectory} <= {dtype}
     assert model.x_dtypes == {dtype}
     assert model.t_dtypes == {time_dtype(x)}
+    assert bool(torch.isfinite(result.samples).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sampler, process_name", one_pair_per_sampler())
+def test_every_sampler_stays_on_the_gpu(sampler, process_name, dtype):
+    """On CUDA: the model is handed only tensors on the input's device, the samples and the
+    trajectory come back there in the input's dtype, finite."""
+    result, model, x = sample_on("cuda", sampler, process_name, dtype)
+    assert model.devices == {x.device}
+    assert result.samples.device == x.device and result.samples.dtype == dtype
+    assert {(s.device, s.dtype) for s in result.trajectory} <= {(x.device, dtype)}
     assert bool(torch.isfinite(result.samples).all())
 
 
