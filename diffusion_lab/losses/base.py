@@ -32,7 +32,7 @@ def sample_times(
     """
     batch_size, device = like.shape[0], like.device
     if time_sampling == "levels":
-        levels = process.level_times().to(device)
+        levels = process.fixed_table("level_times", device)
         index = torch.randint(len(levels), (batch_size,), device=device, generator=generator)
         t = levels[index]
     elif time_sampling == "uniform":

@@ -51,7 +51,7 @@ class ScoreEmbeddingLoss:
         self, process: FPEmbeddingProcess, batch_size: int, device: torch.device | str
     ) -> torch.Tensor:
         """The training times of :attr:`step`: grid times n / N, n in 1..N."""
-        levels = process.level_times().to(device)
+        levels = process.fixed_table("level_times", device)
         if self.time_sampling == "sequential":
             return levels[self.step % len(levels)].expand(batch_size)
         return levels[torch.randint(len(levels), (batch_size,), device=device)]

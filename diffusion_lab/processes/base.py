@@ -82,6 +82,20 @@ class ForwardProcess(nn.Module, abc.ABC):
     def level_times(self) -> torch.Tensor:
         """The N discrete levels as increasing times in [0, 1]."""
 
+    def fixed_table(
+        self, name: str, device: torch.device | str, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A table fixed at construction (``"level_times"``, or a tensor attribute such as a
+        schedule) on ``device`` in ``dtype`` (None: its own), copied there once and kept: looked
+        up at every step or model call, a CPU table cost a blocking host-to-device copy each
+        time on a GPU. Callers must not modify it in place."""
+        key = (name, torch.device(device), dtype)
+        copies = self.__dict__.setdefault("_fixed_table_copies", {})
+        if key not in copies:
+            table = self.level_times() if name == "level_times" else getattr(self, name)
+            copies[key] = table.to(device=device, dtype=dtype)
+        return copies[key]
+
     def native_noise_label(self, t: torch.Tensor) -> torch.Tensor:
         """The process's own network label at time t (t itself unless a subclass says otherwise)."""
         return t
@@ -103,7 +117,7 @@ class ForwardProcess(nn.Module, abc.ABC):
         (``time_sampling="levels"``, the level grids), possibly in another dtype, which are their
         level (levels lie 1/N apart, far above float32 rounding), or continuous times.
         """
-        levels = self.level_times().to(t)
+        levels = self.fixed_table("level_times", t.device, t.dtype)
         nearest = (t[:, None] - levels[None, :]).abs().argmin(dim=1)
         return len(levels) - 1 - nearest
 

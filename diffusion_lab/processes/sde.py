@@ -268,7 +268,8 @@ class VESDE(SDE):
         return self._log_sigmas.flip(0).exp()
 
     def _log_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_sigma, slope = _interpolate(self._log_sigmas, t * (self.num_steps - 1))
+        table = self.fixed_table("_log_sigmas", t.device, time_dtype(t))
+        log_sigma, slope = _interpolate(table, t * (self.num_steps - 1))
         return log_sigma, slope * (self.num_steps - 1)
 
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +344,8 @@ class VPSDE(SDE):
 
     def log_alpha_bar(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log alpha_bar(t) = -int_0^t beta(s) ds and beta(t)."""
-        value, slope = _hermite_interpolate(self._log_alpha_bars, t * self.num_steps)
+        table = self.fixed_table("_log_alpha_bars", t.device, time_dtype(t))
+        value, slope = _hermite_interpolate(table, t * self.num_steps)
         return value, -slope * self.num_steps
 
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
