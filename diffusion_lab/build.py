@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import difflib
+import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from diffusion_lab.metrics.evaluator import SampleEvaluator
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.samplers.base import check_sampler
 from diffusion_lab.schema import did_you_mean, parameters
+
+log = logging.getLogger("diffusion_lab")
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -115,11 +119,26 @@ def last_checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
+def resume_if_requeued(ckpt_path: str | None, run_dir: str | Path) -> str | None:
+    """``last`` for a SLURM job that was requeued (preempted, or timed out with submitit's
+    ``max_num_timeout``: ``SLURM_RESTART_COUNT`` > 0) and whose folder holds last.ckpt: it
+    starts again with its first overrides, ``ckpt_path=null`` included, and would retrain from
+    step 0 in the same folder. Otherwise ``ckpt_path`` as it is."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if ckpt_path is not None or restarts in ("", "0"):
+        return ckpt_path
+    if not last_checkpoint_path(run_dir).is_file():
+        return ckpt_path
+    log.info("SLURM requeued this job (restart %s): resuming from its last.ckpt", restarts)
+    return "last"
+
+
 def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """None (fresh run), a path, or ``last`` -> <run_dir>/checkpoints/last.ckpt, which must exist.
 
     Resuming is only ever what was asked for (an automatic resume surprised Lightning's users,
-    Lightning-AI/pytorch-lightning#19827).
+    Lightning-AI/pytorch-lightning#19827), or what a SLURM requeue implies
+    (:func:`resume_if_requeued`).
     """
     if ckpt_path is None:
         return None

@@ -45,6 +45,7 @@ from diffusion_lab.build import (
     compose_config,
     load_checkpoint,
     resolve_checkpoint,
+    resume_if_requeued,
 )
 from diffusion_lab.callbacks.images import save_samples_picture
 from diffusion_lab.errors import (
@@ -211,6 +212,8 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.run_dir)
     with interrupts_named("before training started: run the command again"):
         check_config(cfg)
+        with open_dict(cfg):  # before the loggers read it: the CSV rows are kept too
+            cfg.ckpt_path = resume_if_requeued(cfg.ckpt_path, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         datamodule, metrics = build_datamodule(cfg)
         L.seed_everything(cfg.seed, workers=True)

@@ -155,3 +155,18 @@ def test_an_adaptive_sampler_refuses_a_step_count(tmp_path):
     result = _multirun(tmp_path, "sampler=ode", "sampler.steps=5")
     assert result.returncode == 2
     assert "chooses its own steps" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_slurm_launcher_requeues_and_fits_the_multinode_trainer():
+    """hydra/launcher=slurm_gpu with trainer=ddp_multinode: one task and one GPU per rank on
+    each node; a timed-out job is requeued (max_num_timeout was 0: never), with the
+    partition / account keys there to set. Composed by Hydra with the submitit plugin."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu", "trainer=ddp_multinode",
+                      "hydra.launcher.partition=gpu"], return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert launcher.max_num_timeout == 3 and launcher.signal_delay_s > 0
+    assert launcher.partition == "gpu" and "account" in launcher

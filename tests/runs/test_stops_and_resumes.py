@@ -6,6 +6,7 @@ folder as it was. Waits are for events (a checkpoint, a log line), never for a t
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -280,3 +281,25 @@ def test_an_interrupt_while_sampling_a_run_folder_is_one_line(tmp_path, sig, cod
     line = assert_one_stop_line_last(text_of(err), "diffusion_lab: interrupted:")
     assert f"interrupted ({name}) while sampling: nothing was written" in line
     assert not list(run_dir.glob("samples_*"))
+
+
+def test_a_requeued_slurm_job_resumes_from_its_checkpoint_without_a_command(tmp_path):
+    """SLURM requeues a preempted (or timed-out) job with its first overrides, ckpt_path=null
+    included: it retrained from step 0 in the same folder. With SLURM_RESTART_COUNT > 0 it
+    resumes from last.ckpt (Lightning restores the loops), and the CSV rows before the
+    checkpoint are kept (a training row every 5 steps)."""
+    first = run(*TINY, *QUIET, "trainer.max_steps=12", f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0, first.stdout[-3000:]
+    requeued = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.run", *TINY, *QUIET, "trainer.max_steps=14",
+         f"hydra.run.dir={tmp_path}"],
+        env={**env(), "SLURM_RESTART_COUNT": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=600,
+    )  # fmt: skip
+    assert requeued.returncode == 0, requeued.stdout[-3000:]
+    assert "SLURM requeued this job (restart 1): resuming from its last.ckpt" in requeued.stdout
+    assert "Restored all states from the checkpoint" in requeued.stdout
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 14
+    with open(tmp_path / "logs" / "metrics.csv", newline="") as rows:
+        steps = sorted({int(row["step"]) for row in csv.DictReader(rows)})
+    assert steps[0] < 12 and steps[-1] >= 12
