@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 run: install  ## train DDPM on the embedded digits, sample, evaluate (extra Hydra overrides: ARGS="...")
 	$(BIN)/python -m diffusion_lab.run $(ARGS)
 
-test: install  ## the default suite (about 20 minutes on 2 cores; the target is 10)
+test: install  ## the default suite (about 7 minutes on 2 cores)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-all: install  ## everything, including tests marked slow

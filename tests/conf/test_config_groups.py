@@ -2,11 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
-from helpers import CONF
+from helpers import CONF, cli
 from hydra import compose, initialize_config_dir
 
 from diffusion_lab.build import instantiate
@@ -26,7 +25,7 @@ def _compose(overrides):
 
 
 def _multirun(tmp_path, *overrides):
-    return subprocess.run(
+    return cli.run(
         [sys.executable, "-m", "diffusion_lab.run", "-m", *QUIET, *overrides,
          f"hydra.sweep.dir={tmp_path}"],
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),
@@ -104,7 +103,7 @@ def test_a_schedule_of_the_wrong_kind_is_a_config_error(overrides, message):
 
 
 def test_the_wrong_kind_stops_the_run_before_training_with_one_line(tmp_path):
-    result = subprocess.run(
+    result = cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *QUIET, "schedule=cosine",
          f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=300, env=os.environ.copy(),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 from omegaconf import open_dict
 
 from diffusion_lab.build import compose_config
@@ -24,8 +25,8 @@ WIDTH = "network.base_channels=8"  # the trained fixture's
 
 
 def entry(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"diffusion_lab.{module}", *args],
-                          capture_output=True, text=True, timeout=timeout, env=os.environ.copy())  # fmt: skip
+    return cli.run([sys.executable, "-m", f"diffusion_lab.{module}", *args],
+                   capture_output=True, text=True, timeout=timeout, env=os.environ.copy())  # fmt: skip
 
 
 def assert_one_line(result: subprocess.CompletedProcess, message: str) -> None:

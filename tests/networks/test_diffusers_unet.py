@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONF
+from helpers import CONF, cli
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
@@ -216,7 +216,7 @@ def test_convert_then_sample_from_the_run_folder(tmp_path: Path) -> None:
 
     def entry(module: str, *args: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", f"diffusion_lab.{module}", *map(str, args)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+        return cli.run(command, capture_output=True, text=True, timeout=300)
 
     done = entry("convert", src, out)
     assert done.returncode == 0, done.stderr[-3000:]

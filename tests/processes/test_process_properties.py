@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import CONF
+from helpers import CONF, cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from hypothesis import given
@@ -225,8 +224,8 @@ def test_an_fp_run_with_ddim_stops_before_the_embedding_with_one_line(tmp_path):
     command = [sys.executable, "-m", "diffusion_lab.run", "+experiment=fp_embed_cifar10_single",
                "data=single_image", "data.image_size=32", "network=unet_small", "sampler=ddim",
                f"hydra.run.dir={tmp_path}"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env=os.environ.copy())  # fmt: skip
+    result = cli.run(command, capture_output=True, text=True, timeout=300,
+                     env=os.environ.copy())  # fmt: skip
     errors = [line for line in result.stderr.splitlines() if "diffusion_lab: error:" in line]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(errors) == 1 and "sampler ddim needs a process that" in errors[0], errors

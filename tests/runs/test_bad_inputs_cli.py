@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli
 from helpers.formats import Payload, write_cifar
 
 from diffusion_lab.data import formats
@@ -20,7 +21,7 @@ QUICK = ["trainer=debug", "network.base_channels=8", "method.num_eval_samples=0"
 
 def command(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m diffusion_lab.<module> ARGS`` as a user runs it."""
-    return subprocess.run(
+    return cli.run(
         [sys.executable, "-m", f"diffusion_lab.{module}", *args],
         capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
     )  # fmt: skip
@@ -39,6 +40,23 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 # ----------------------------------------------------------------------------- data files
+def test_a_forked_run_answers_as_a_fresh_interpreter_does(tmp_path):
+    """The suite forks its runs from a preloaded server (helpers.cli); a fresh ``python -m``
+    and the fork give the same exit code and the same stderr lines from the run itself, and
+    the fork sees its own environment (TMPDIR) and working directory."""
+    args = [sys.executable, "-m", "diffusion_lab.run", "trainer.max_steps=-3"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    real = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    forked = cli.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert real.returncode == forked.returncode == 2, real.stderr[-2000:] + forked.stderr[-2000:]
+    assert one_error_line(real) == one_error_line(forked)
+    assert real.stderr.splitlines()[-1] == forked.stderr.splitlines()[-1]
+    probe = "import os, sys, tempfile; print(os.getcwd(), tempfile.gettempdir(), sys.argv[1:])"
+    seen = cli.run([sys.executable, "-c", probe, "a", "b"], capture_output=True, text=True,
+                   env=env, cwd=tmp_path)  # fmt: skip
+    assert seen.stdout.split("\n")[0] == f"{tmp_path} {tmp_path} ['a', 'b']"
+
+
 def test_a_crafted_cifar10_batch_stops_the_run_and_its_code_never_runs(tmp_path):
     write_cifar(tmp_path / "data")
     marker = tmp_path / "marker"
@@ -144,7 +162,7 @@ def test_a_run_removes_the_temporaries_of_killed_writers_and_keeps_a_live_ones(t
     legacy = system_tmp / "tmpab12cd34"  # what the old writer's tempfile.mkstemp() left
     torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": {"run_config": {}}},
                legacy)  # fmt: skip
-    result = subprocess.run(
+    result = cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *QUICK, "trainer.max_steps=2", "data.metrics=[]",
          "final_samples=0", f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(system_tmp)},

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 from helpers.formats import write_jpeg
 
 QUICK = ["trainer=debug", "network.base_channels=8", "method.num_eval_samples=0",
@@ -18,7 +19,7 @@ QUICK = ["trainer=debug", "network.base_channels=8", "method.num_eval_samples=0"
 
 
 def run(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *QUICK, *overrides, f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=600, env=env or os.environ.copy(),
     )  # fmt: skip

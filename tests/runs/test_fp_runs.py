@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 from PIL import Image
 
 from diffusion_lab.run import offline_overrides
@@ -23,7 +24,7 @@ QUICK = ["trainer=debug", "trainer.max_steps=4", "++trainer.val_check_interval=4
 
 def run(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DIFFUSION_LAB_CACHE": str(cache)}
-    return subprocess.run(
+    return cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *overrides, f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
@@ -69,7 +70,7 @@ def test_the_papers_image_folder_layout_runs_end_to_end(tmp_path):
     # Sampling from the checkpoint (three images, each in its own interval) draws the run's own
     # final samples: same weights, seed, prior and labels (sample b: image b mod 3).
     env = {**os.environ, "DIFFUSION_LAB_CACHE": str(tmp_path / "cache")}
-    sampled = subprocess.run(
+    sampled = cli.run(
         [sys.executable, "-m", "diffusion_lab.sample", str(tmp_path / "run"), "--num-samples", "3"],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip

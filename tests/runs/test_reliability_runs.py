@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 from helpers.runs import checkpoint_step, last_logged_step, wait_for
 
 # The issue's reproduction: 12 steps per epoch (1437 digits, batch 128), no validation (every 40);
@@ -25,16 +26,16 @@ def command(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(run_dir, *overrides), capture_output=True, text=True,
-                          timeout=600, env=os.environ.copy())  # fmt: skip
+    return cli.run(command(run_dir, *overrides), capture_output=True, text=True,
+                   timeout=600, env=os.environ.copy())  # fmt: skip
 
 
 def kill_at(run_dir: Path, where: str) -> int:
     """SIGKILL a run at once after its first epoch-end last.ckpt (step 12) is written ("epoch
     end"), or once logs/metrics.csv shows a step past it ("mid-epoch"); the step of the
     checkpoint the kill left. Waits for those events, not for a time (a loaded machine)."""
-    process = subprocess.Popen(command(run_dir), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = cli.Popen(command(run_dir), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)  # fmt: skip
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     wait_for(lambda: checkpoint_step(ckpt), "the first epoch-end checkpoint", process)
     if where == "mid-epoch":

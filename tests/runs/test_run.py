@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 from helpers.runs import checkpoint_step, wait_for
 
 TINY = [
@@ -24,7 +25,7 @@ TINY = [
 
 
 def run(run_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *overrides, f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
     )  # fmt: skip
@@ -62,7 +63,7 @@ def test_resume_after_kill_matches_uninterrupted(uninterrupted, tmp_path):
     weights (EMA and raw) and the final samples equal those of the uninterrupted run."""
     command = [sys.executable, "-m", "diffusion_lab.run", *TINY, "trainer.max_steps=100000",
                f"hydra.run.dir={tmp_path}"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = cli.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     wait_for(lambda: checkpoint_step(ckpt), "the first epoch-end checkpoint", process)
     process.send_signal(signal.SIGKILL)
@@ -132,7 +133,7 @@ def test_ddp_with_two_cpu_processes(tmp_path):
 def test_other_loggers_run_offline(tmp_path, logger, folder):
     """W&B needs no account (offline mode when not logged in) and never prompts."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the project decides
-    result = subprocess.run(
+    result = cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *TINY, f"logger={logger}",
          "trainer.max_steps=3", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL,
@@ -143,7 +144,7 @@ def test_other_loggers_run_offline(tmp_path, logger, folder):
 
 
 def test_multirun_sweep_with_the_basic_launcher(tmp_path):
-    result = subprocess.run(
+    result = cli.run(
         [sys.executable, "-m", "diffusion_lab.run", "-m", *TINY, "trainer.max_steps=2",
          "sampler.steps=2,3", f"hydra.sweep.dir={tmp_path}"],
         capture_output=True, text=True, timeout=400,
@@ -160,8 +161,8 @@ def test_a_dead_ddp_rank_is_named_by_the_survivor(tmp_path):
     command = [sys.executable, "-m", "diffusion_lab.run", *TINY, "trainer=ddp",
                "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2000",
                f"hydra.run.dir={tmp_path}"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env=os.environ.copy())  # fmt: skip
+    process = cli.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        text=True, env=os.environ.copy())  # fmt: skip
     ckpt, registry = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "ranks"
 
     def rank_1_training() -> list[Path]:
@@ -190,7 +191,7 @@ def test_a_gpu_run_trains_samples_there_and_keeps_its_cuda_noise_stream(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3 and checkpoint["cuda_rng_states"]
-    sampled = subprocess.run(
+    sampled = cli.run(
         [sys.executable, "-m", "diffusion_lab.sample", str(tmp_path), "--num-samples", "4",
          "--accelerator", "gpu"],
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 
 from diffusion_lab import sample
 from diffusion_lab.methods.base import DiffusionMethod
@@ -27,8 +28,8 @@ QUICK = ["--num-samples", "5", "sampler.steps=3", "sampler.progress=false"]
 
 
 def entry(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"diffusion_lab.{module}", *args],
-                          capture_output=True, text=True, timeout=300, env=os.environ.copy())  # fmt: skip
+    return cli.run([sys.executable, "-m", f"diffusion_lab.{module}", *args],
+                   capture_output=True, text=True, timeout=300, env=os.environ.copy())  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 RUNS = {
     "implicit, toy2d": ["+experiment=score_matching_toy2d", "loss=ism"],
@@ -27,9 +27,7 @@ def test_the_experiment_trains_samples_and_scores(name, tmp_path):
     command = [sys.executable, "-m", "diffusion_lab.run", *RUNS[name], f"hydra.run.dir={tmp_path}",
                "trainer.max_steps=6", "trainer.check_val_every_n_epoch=1000", "final_samples=16",
                "sampler.n_steps_each=2", "trainer.enable_progress_bar=false"]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=os.environ.copy()
-    )
+    done = cli.run(command, capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "final_metrics.json").read_text())
     assert metrics["num_samples"] == 16

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 from helpers.formats import write_jpeg
 
 from diffusion_lab.build import load_safely
@@ -21,7 +22,7 @@ QUICK = ["trainer=debug", "trainer.max_steps=4", "sampler.steps=6", "method.num_
 
 
 def run(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *overrides, f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=600, env=env or os.environ.copy(),
     )  # fmt: skip
@@ -101,7 +102,7 @@ def test_a_checkpoint_samples_with_its_fitted_levels_without_data_or_cache(tmp_p
     shutil.rmtree(tmp_path / "data")
     empty = tmp_path / "empty_cache"
     empty.mkdir()
-    sampled = subprocess.run(
+    sampled = cli.run(
         [sys.executable, "-m", "diffusion_lab.sample", str(fresh), "--num-samples", "2",
          f"data.root={tmp_path / 'missing'}"],
         capture_output=True, text=True, timeout=600,

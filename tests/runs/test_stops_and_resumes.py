@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 from helpers.runs import checkpoint_step, error_lines, last_line, text_of, wait_for
 
 # 1437 training digits at batch 64: 23 steps per epoch; a validation every epoch (trainer=debug).
@@ -51,31 +52,23 @@ def env() -> dict[str, str]:
 
 def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m diffusion_lab.run args``, stdout and stderr in one stream as on a terminal."""
-    return subprocess.run([sys.executable, "-m", "diffusion_lab.run", *args], env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)  # fmt: skip
-
-
-def as_from_a_terminal() -> None:
-    """In the child before it runs: Ctrl-C's default action, as a terminal's foreground job
-    has. A parent that ignores SIGINT (a shell's background job: ``nohup make test &``, CI
-    runners) passes that on, and Python then installs no KeyboardInterrupt handler."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return cli.run([sys.executable, "-m", "diffusion_lab.run", *args], env=env(),
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                   timeout=timeout)  # fmt: skip
 
 
 @pytest.fixture
 def start():
     """``start(run_dir, *overrides)``: a run in the background, its stdout and stderr going to
     files to be polled; a run still alive when the test ends (a failed wait) is killed."""
-    started: list[subprocess.Popen] = []
+    started: list[cli.Popen] = []
 
-    def start_run(run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, Path, Path]:
+    def start_run(run_dir: Path, *overrides: str) -> tuple[cli.Popen, Path, Path]:
         out, err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
         command = [sys.executable, "-m", "diffusion_lab.run", *overrides,
                    f"hydra.run.dir={run_dir}"]  # fmt: skip
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env(),
-                                       preexec_fn=as_from_a_terminal)  # fmt: skip
+            process = cli.Popen(command, stdout=stdout, stderr=stderr, env=env())
         started.append(process)
         return process, out, err
 
@@ -105,7 +98,7 @@ def test_nan_samples_stop_before_any_metric_with_one_line_and_the_checkpoint_kep
                      "trainer.max_steps=60"]  # fmt: skip
     else:
         overrides = ["trainer.max_steps=5"]
-    result = subprocess.run(
+    result = cli.run(
         [sys.executable, "-c", NAN_SAMPLES, *TINY, *BARS, *overrides, f"hydra.run.dir={tmp_path}"],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
     )  # fmt: skip
@@ -169,8 +162,8 @@ def test_an_interrupt_in_training_says_how_to_resume(tmp_path, start, sig, code,
                            "ckpt_path=last"]  # fmt: skip
     assert command[5:] == overrides
     command[command.index("trainer.max_steps=100000")] = f"trainer.max_steps={step + 2}"
-    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True,
-                             timeout=600, env=env())  # fmt: skip
+    resumed = cli.run([sys.executable, *command[1:]], capture_output=True, text=True,
+                      timeout=600, env=env())  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert checkpoint_step(ckpt) == step + 2
 
@@ -228,7 +221,7 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
     assert refused.returncode == 2, refused.stdout[-3000:]
     assert "does not fit this run" in assert_one_stop_line_last(refused.stdout, "diffusion_lab:")
     assert {name: (tmp_path / name).read_bytes() for name in record} == before
-    sampled = subprocess.run(
+    sampled = cli.run(
         [sys.executable, "-m", "diffusion_lab.sample", str(tmp_path), "--num-samples", "2"],
         capture_output=True, text=True, timeout=600, env=env(),
     )  # fmt: skip
@@ -267,10 +260,10 @@ def test_an_interrupt_while_sampling_a_run_folder_is_one_line(tmp_path, sig, cod
     assert trained.returncode == 0, trained.stdout[-3000:]
     err = tmp_path / "sample.err"
     with open(tmp_path / "sample.out", "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen(
+        process = cli.Popen(
             [sys.executable, "-m", "diffusion_lab.sample", str(run_dir), "--num-samples", "2000",
              "sampler.steps=1000", "sampler.progress=true"],
-            stdout=stdout, stderr=stderr, env=env(), preexec_fn=as_from_a_terminal,
+            stdout=stdout, stderr=stderr, env=env(),
         )  # fmt: skip
     try:
         wait_for(lambda: "dpm_solver++:" in text_of(err), "the sampler's bar", process)
@@ -290,7 +283,7 @@ def test_a_requeued_slurm_job_resumes_from_its_checkpoint_without_a_command(tmp_
     checkpoint are kept (a training row every 5 steps)."""
     first = run(*TINY, *QUIET, "trainer.max_steps=12", f"hydra.run.dir={tmp_path}")
     assert first.returncode == 0, first.stdout[-3000:]
-    requeued = subprocess.run(
+    requeued = cli.run(
         [sys.executable, "-m", "diffusion_lab.run", *TINY, *QUIET, "trainer.max_steps=14",
          f"hydra.run.dir={tmp_path}"],
         env={**env(), "SLURM_RESTART_COUNT": "1"}, stdout=subprocess.PIPE,
