@@ -91,24 +91,42 @@ def standard_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def image_tensor(
+def image_pixels(
     img: Image.Image, channels: int, size: int | None = None, crop: int | None = None
 ) -> torch.Tensor:
-    """Any PIL image -> float32 (channels, H, W) in [0, 1]: the one image conversion.
+    """Any PIL image -> (channels, H, W) as it is stored: uint8 for 8-bit modes (lossless, a
+    quarter of float32's memory), float32 in [0, 1] for wider ones.
 
-    :func:`standard_mode`, then (``size`` given) :func:`center_crop_resize`; 8-bit samples are
-    divided by 255, gray repeated to 3 channels where ``channels`` is 3.
+    :func:`standard_mode`, then (``size`` given) :func:`center_crop_resize`; gray repeated to 3
+    channels where ``channels`` is 3.
     """
     img = standard_mode(img, channels)
     if size is not None:
         img = center_crop_resize(img, size, crop)
-    t = to_float_images(torch.from_numpy(np.array(img))).clamp_(0.0, 1.0)  # bicubic overshoots F
+    t = torch.from_numpy(np.array(img))
+    if t.dtype != torch.uint8:
+        t = t.to(torch.float32).clamp_(0.0, 1.0)  # bicubic overshoots F
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     return convert_channels(t.contiguous(), channels)
 
 
+def image_tensor(
+    img: Image.Image, channels: int, size: int | None = None, crop: int | None = None
+) -> torch.Tensor:
+    """Any PIL image -> float32 (channels, H, W) in [0, 1]: the one image conversion
+    (:func:`image_pixels`, 8-bit samples divided by 255)."""
+    return to_float_images(image_pixels(img, channels, size, crop))
+
+
 def load_image(path: str | Path, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
-    """Read one image file -> float32 (channels, size, size) in [0, 1] by :func:`image_tensor`.
+    """Read one image file -> float32 (channels, size, size) in [0, 1] by :func:`image_tensor`."""
+    return to_float_images(load_pixels(path, size, channels, crop))
+
+
+def load_pixels(
+    path: str | Path, size: int, channels: int, crop: int | None = None
+) -> torch.Tensor:
+    """Read one image file -> (channels, size, size) as :func:`image_pixels` stores it.
 
     The EXIF orientation is applied first. An unreadable, truncated or unconvertible file raises a
     one-line DataError naming it.
@@ -116,7 +134,7 @@ def load_image(path: str | Path, size: int, channels: int, crop: int | None = No
     try:
         with Image.open(path) as img:
             img.load()
-            return image_tensor(ImageOps.exif_transpose(img), channels, size, crop)
+            return image_pixels(ImageOps.exif_transpose(img), channels, size, crop)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         raise DataError(

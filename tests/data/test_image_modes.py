@@ -162,3 +162,25 @@ def test_image_folder_reads_16bit_gray_not_white(tmp_path: Path) -> None:
     x, _ = ImageFolderDataModule(str(tmp_path), image_size=SIZE).tensors("train")
     assert x.shape == (1, 3, SIZE, SIZE)
     torch.testing.assert_close(x, torch.full_like(x, 32768 / 65535), atol=1e-6, rtol=0)
+
+
+def test_an_image_folder_holds_8bit_files_as_uint8_and_wider_ones_as_float(tmp_path: Path) -> None:
+    """8-bit files are stored as their bytes (a quarter of float32's memory) and read back as
+    exactly the floats a file-by-file decode gives; one 16-bit file makes the folder float32."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        arr = rng.integers(0, 256, (SIZE + 6, SIZE + 2, 3), dtype=np.uint8)
+        _save(Image.fromarray(arr), tmp_path / f"rgb_{i}.png")
+    data = ImageFolderDataModule(str(tmp_path), image_size=SIZE)
+    stored = data.dataset("train").x
+    assert stored.dtype == torch.uint8 and stored.shape == (3, 3, SIZE, SIZE)
+    expected = torch.stack([load_image(f, SIZE, 3) for f in sorted(tmp_path.glob("*.png"))])
+    assert torch.equal(data.tensors("train")[0], expected)
+    batch = next(iter(data.train_dataloader()))[0]
+    assert batch.dtype == torch.float32 and float(batch.max()) <= 1.0
+    _save(_gray16(32768, "I;16"), tmp_path / "wide.png")
+    wide = ImageFolderDataModule(str(tmp_path), image_size=SIZE)
+    assert wide.dataset("train").x.dtype == torch.float32
+    assert torch.equal(wide.tensors("train")[0][:3], expected)
+    torch.testing.assert_close(wide.tensors("train")[0][3], torch.full((3, SIZE, SIZE), 32768 / 65535),
+                               atol=1e-6, rtol=0)  # fmt: skip
