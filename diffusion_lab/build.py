@@ -86,7 +86,10 @@ def build_method(cfg: DictConfig, metrics: list[str]) -> L.LightningModule:
     if "loss" in declared:
         parts["loss"] = instantiate(cfg.loss)
     if "evaluator" in declared:
-        parts["evaluator"] = SampleEvaluator(metrics) if metrics else None
+        weights = cfg.get("inception_weights")
+        parts["evaluator"] = (
+            SampleEvaluator(metrics, inception_weights=weights) if metrics else None
+        )
     if "run_config" in declared:
         parts["run_config"] = OmegaConf.to_container(cfg, resolve=True)
     method = instantiate(

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         check_config(cfg)
         datamodule, metrics = build_datamodule(cfg)
         samples = load_safely(samples_path)
-        print(json.dumps(SampleEvaluator(metrics)(samples, datamodule), indent=2))
+        evaluator = SampleEvaluator(metrics, inception_weights=cfg.get("inception_weights"))
+        print(json.dumps(evaluator(samples, datamodule), indent=2))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class Run:
     final_samples: NonNegativeInt
     ckpt_path: str | None
     run_dir: str
+    inception_weights: str | None = None  # absent from the configs of older run folders
 
 
 #: Ranges of third-party targets' numeric arguments, on top of the types their signatures give.

@@ -50,13 +50,20 @@ def check_samples_finite(samples: torch.Tensor, what: str, advice: str) -> None:
 class SampleEvaluator:
     """Callable ``(samples, datamodule) -> {name: float}`` for the named metrics."""
 
-    def __init__(self, metrics: Sequence[str], num_reference: int = 10000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        num_reference: int = 10000,
+        seed: int = 0,
+        inception_weights: str | None = None,
+    ) -> None:
         unknown = sorted(set(metrics) - set(METRICS))
         if unknown:
             raise ConfigError(f"unknown metrics {unknown}: choose from {', '.join(METRICS)}")
         self.metrics = list(metrics)
         self.num_reference = num_reference
         self.seed = seed
+        self.inception_weights = inception_weights
         self.prepare(self.metrics)
 
     @staticmethod
@@ -97,11 +104,11 @@ class SampleEvaluator:
             return {name: sliced_wasserstein(samples, reference, generator=generator)}
         return {name: getattr(image_quality, name)(samples, reference)}
 
-    @staticmethod
-    def _frechet(compute, name: str, samples, reference, **kwargs) -> dict[str, float]:
+    def _frechet(self, compute, name: str, samples, reference, **kwargs) -> dict[str, float]:
         feature = "digits" if name.endswith("_digits") else "inception"
+        weights = None if feature == "digits" else self.inception_weights
         try:
-            result = compute(samples, reference, feature=feature, **kwargs)
+            result = compute(samples, reference, feature=feature, weights_path=weights, **kwargs)
         except DiffusionLabError as exc:
             warnings.warn(f"{name} skipped: {exc}", stacklevel=2)
             return {}

@@ -1,14 +1,21 @@
 """FID and KID with torchmetrics: Inception features when their weights can be had, else digits features.
 
 Names are part of the result: ``fid``/``kid`` only for torchmetrics' Inception network (needs
-torch-fidelity and a weights file: ``weights_path`` or torch-fidelity's file already in the torch hub
-cache; nothing is downloaded), ``fid_digits``/``kid_digits`` for the features of the project's digits
-classifier (``digits_classifier.py``). The two are not comparable and are never reported under one
-name. Both depend on the number of samples (README, "Metrics"): the ``compute_*`` helpers return it.
+torch-fidelity, ``pip install 'diffusion_lab[fid]'``, and its weights file: ``weights_path`` or
+torch-fidelity's file already in the torch hub cache; nothing is downloaded), ``fid_digits`` /
+``kid_digits`` for the features of the project's digits classifier (``digits_classifier.py``). The
+two are not comparable and are never reported under one name. Both depend on the number of
+samples (README, "Metrics"): the ``compute_*`` helpers return it.
+
+The reference side (the real images' feature statistics: FID's sums, KID's features) is computed
+once per reference set and feature network and kept in ``$DIFFUSION_LAB_CACHE/reference_features``,
+keyed by a hash of the images and of the network's weights: every later validation and run on the
+same reference feeds only its samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -18,6 +25,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from diffusion_lab.cache import cache_dir, write_atomic
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics.digits_classifier import get_digits_classifier
 
@@ -25,6 +33,9 @@ FEATURES = ("auto", "inception", "digits")
 INCEPTION_FEATURES = 2048
 # The file torch-fidelity's InceptionV3 downloads into ``torch.hub.get_dir()/checkpoints``.
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+TORCH_FIDELITY_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + TORCH_FIDELITY_WEIGHTS
+)
 
 
 class DigitsFeatures(nn.Module):
@@ -52,11 +63,18 @@ class DigitsFeatures(nn.Module):
 def _inception_weights(weights_path: str | None) -> str | None:
     """Why Inception cannot be used (one line), or None when it can be tried without a download."""
     if importlib.util.find_spec("torch_fidelity") is None:
-        return "torch-fidelity is not installed"
+        return "torch-fidelity is not installed: pip install 'diffusion_lab[fid]'"
     if weights_path is not None:
-        return None if Path(weights_path).is_file() else f"no weights file at {weights_path}"
+        if Path(weights_path).is_file():
+            return None
+        return f"no Inception weights file at inception_weights={weights_path}"
     cached = Path(torch.hub.get_dir()) / "checkpoints" / TORCH_FIDELITY_WEIGHTS
-    return None if cached.is_file() else f"no weights_path and no {cached}"
+    if cached.is_file():
+        return None
+    return (
+        f"its weights are not on this machine: put {TORCH_FIDELITY_URL} at {cached}, "
+        "or set inception_weights=PATH"
+    )
 
 
 def _build(
@@ -125,18 +143,58 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def _feed(metric: nn.Module, name: str, fake: torch.Tensor, real: torch.Tensor, batch: int) -> None:
-    """Update ``metric`` with both sets, in batches, on the metric's device."""
+def _check_finite(fake: torch.Tensor, real: torch.Tensor) -> None:
     if fake.ndim != 4 or real.ndim != 4:
         raise ValueError("fake and real must be image batches of shape (N, C, H, W)")
     for images, which in ((fake, "fake"), (real, "real")):
         if not torch.isfinite(images).all():  # the eigenvalue solver would crash the process
             raise ValueError(f"the {which} images hold NaN or infinite values: no FID/KID of them")
-    device = metric.device
-    for images, is_real in ((real, True), (fake, False)):
-        for chunk in images.split(batch):
-            chunk = chunk.to(device).float().clamp(0.0, 1.0)
-            metric.update(chunk if name.endswith("_digits") else as_rgb(chunk), real=is_real)
+
+
+def _update(metric: nn.Module, name: str, images: torch.Tensor, real: bool, batch: int) -> None:
+    """Feed one side of ``metric`` in batches, on the metric's device."""
+    for chunk in images.split(batch):
+        chunk = chunk.to(metric.device).float().clamp(0.0, 1.0)
+        metric.update(chunk if name.endswith("_digits") else as_rgb(chunk), real=real)
+
+
+def _reference_key(metric: nn.Module, name: str, real: torch.Tensor) -> str:
+    """A hash of what the reference statistics depend on: the metric and its settings, the
+    feature network's weights and the real images as fed."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{type(metric).__name__} {name} {getattr(metric, 'subset_size', '')}".encode())
+    for tensor in metric.inception.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    images = real.detach().float().clamp(0.0, 1.0).cpu().contiguous()
+    digest.update(str(tuple(images.shape)).encode())
+    digest.update(images.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _real_states(metric: nn.Module) -> list[str]:
+    return [state for state in metric._defaults if state.startswith("real_")]
+
+
+def _feed_reference(metric: nn.Module, name: str, real: torch.Tensor, batch: int) -> None:
+    """The real side of ``metric``: loaded from the cache when these images and this feature
+    network were seen before, else computed and cached (written atomically)."""
+    path = cache_dir() / "reference_features" / f"{_reference_key(metric, name, real)}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location=metric.device, weights_only=True)
+        for state in _real_states(metric):
+            setattr(metric, state, saved[state])
+        return
+    _update(metric, name, real, True, batch)
+    states = {state: getattr(metric, state) for state in _real_states(metric)}
+    write_atomic(path, lambda handle: torch.save(states, handle))
+
+
+def _feed(metric: nn.Module, name: str, fake: torch.Tensor, real: torch.Tensor, batch: int) -> None:
+    """Update ``metric`` with both sets: the reference's features from the cache when it has
+    them, the samples' in batches."""
+    _check_finite(fake, real)
+    _feed_reference(metric, name, real, batch)
+    _update(metric, name, fake, False, batch)
 
 
 def compute_fid(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from scipy.stats import wasserstein_distance
 from diffusion_lab.cache import cache_dir
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.metrics import digits_classifier as dc
+from diffusion_lab.metrics import fid as fid_module
 from diffusion_lab.metrics.coverage import class_coverage, plot_class_histogram
 from diffusion_lab.metrics.fid import build_fid, compute_fid, compute_kid
 from diffusion_lab.metrics.image_quality import mse, psnr, ssim, ssim_kernel_size
@@ -253,6 +255,55 @@ def test_fid_names_never_mix(classifier: dc.DigitsClassifier) -> None:
     with pytest.warns(UserWarning, match="fid_digits"):
         _, name = build_fid("auto", weights_path="/nonexistent/inception.pth")
     assert name == "fid_digits"
+
+
+@pytest.mark.parametrize("compute", [compute_fid, compute_kid])
+def test_the_reference_features_are_computed_once_and_cached(
+    classifier: dc.DigitsClassifier, tmp_path, monkeypatch, compute
+) -> None:
+    """A second score against the same reference images feeds only the samples through the
+    feature network and gives the same value to the last bit; one changed reference pixel is
+    another reference, computed afresh."""
+    monkeypatch.setattr(fid_module, "cache_dir", lambda: tmp_path)
+    seen: list[int] = []
+    forward = fid_module.DigitsFeatures.forward
+
+    def counted(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(fid_module.DigitsFeatures, "forward", counted)
+    images, _ = dc.load_digits_split("all", image_size=16)
+    fake, real = images[:300], images[300:900]
+    kwargs = {"subset_size": 100, "subsets": 10} if compute is compute_kid else {}
+    first = compute(fake, real, **kwargs)
+    assert sum(seen) == 900
+    seen.clear()
+    assert compute(fake, real, **kwargs) == first and sum(seen) == 300
+    assert len(list((tmp_path / "reference_features").glob("*.pt"))) == 1
+    other = real.clone()
+    other[0, 0, 0, 0] = 1.0 - other[0, 0, 0, 0]
+    seen.clear()
+    compute(fake, other, **kwargs)
+    assert sum(seen) == 900
+    assert len(list((tmp_path / "reference_features").glob("*.pt"))) == 2
+
+
+def test_an_inception_score_without_its_weights_says_where_to_put_them(
+    classifier: dc.DigitsClassifier, tmp_path, monkeypatch
+) -> None:
+    """fid (Inception) on a machine without torch-fidelity or its weights file: one line that
+    says what is missing and how to get it, and fid_digits is not reported as fid."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        build_fid("inception")
+    message = str(error.value)
+    assert "\n" not in message and message.endswith("; use feature=digits")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        assert "pip install 'diffusion_lab[fid]'" in message
+    else:
+        cached = tmp_path / "checkpoints" / fid_module.TORCH_FIDELITY_WEIGHTS
+        assert f"put {fid_module.TORCH_FIDELITY_URL} at {cached}" in message
 
 
 # --- coverage -----------------------------------------------------------------------------------
