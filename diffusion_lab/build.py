@@ -73,6 +73,8 @@ def build_method(cfg: DictConfig, metrics: list[str]) -> L.LightningModule:
     what its metrics need. The parts are built in a fixed order (network first, from the
     seeded global RNG), so the same config gives the same weights.
     """
+    # TF32 ("high") or bf16 ("medium") matmuls on GPUs that have them; "highest" keeps float32
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
     annotations, takes_kwargs = parameters(get_object(cfg.method._target_))
     declared = ALL_PARTS if takes_kwargs else set(annotations)
     parts: dict[str, Any] = {

@@ -18,7 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -44,7 +44,9 @@ class Run:
     final_samples: NonNegativeInt
     ckpt_path: str | None
     run_dir: str
-    inception_weights: str | None = None  # absent from the configs of older run folders
+    # both absent from the configs of older run folders
+    inception_weights: str | None = None
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "highest"
 
 
 #: Ranges of third-party targets' numeric arguments, on top of the types their signatures give.

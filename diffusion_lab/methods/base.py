@@ -44,6 +44,8 @@ class DiffusionMethod(TrainingModule):
     Samples are drawn in batches of ``sample_batch_size``, sample i seeded from
     (``sample_seed``, i), so that neither the batch size nor the number of devices that share
     the batches (``diffusion_lab.sample --devices``) changes them (:meth:`generate`).
+    ``compile`` compiles the network with ``torch.compile`` (``nn.Module.compile``: in place, so
+    the weights, the EMA copy and the checkpoint keys stay those of the eager network).
     """
 
     def __init__(
@@ -64,8 +66,11 @@ class DiffusionMethod(TrainingModule):
         reconstruction_times: Sequence[Probability] = (),
         evaluator: Evaluator | None = None,
         run_config: dict | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__(optimizer, data_range, model_range, warmup_steps, run_config)
+        if compile:
+            network.compile()
         self.model = ScoreModel(network, process, parameterization)
         self.process = process
         self.loss_fn = loss

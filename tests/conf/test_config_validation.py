@@ -105,6 +105,10 @@ def checked_up_front(monkeypatch, capsys, *args: str) -> subprocess.CompletedPro
         ),
         (["-m", "sampler.steps=0,5"], "sampler.steps must be >= 1, got 0"),
         (["-m", "sampler.steps=5,0"], "sampler.steps must be >= 1, got 0"),
+        (
+            ["float32_matmul_precision=tf32"],
+            "float32_matmul_precision must be 'highest', 'high' or 'medium', got 'tf32'",
+        ),
     ],
 )
 def test_bad_overrides_in_any_job_stop_before_hydra_starts(
@@ -250,3 +254,21 @@ def test_a_target_that_names_nothing_is_one_line():
     assert str(caught.value) == (
         "network._target_ names nothing importable: diffusion_lab.networks.unet.UNett"
     )
+
+
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_the_float32_matmul_precision_is_set_where_the_method_is_built(precision):
+    """``float32_matmul_precision=high`` (TF32 on GPUs that have it) reaches torch when a run
+    or ``sample`` builds its method; the default keeps exact float32."""
+    from diffusion_lab.build import build_method
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        overrides = (
+            [WIDTH] if precision == "highest" else [WIDTH, f"float32_matmul_precision={precision}"]
+        )
+        build_method(compose_config(config_dir(), overrides), [])
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -175,3 +175,39 @@ def test_checkpoints_keep_the_cuda_noise_streams(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # another machine
     method.on_load_checkpoint(checkpoint)
     assert restored == []
+
+
+def _loss_and_gradients(overrides: list[str], compiled: bool):
+    """A method built from the config (same seed: same weights), its loss on one seeded batch,
+    and the gradients."""
+    from diffusion_lab.build import build_datamodule, build_method, compose_config
+    from diffusion_lab.run import config_dir
+
+    cfg = compose_config(config_dir(), [*overrides, f"method.compile={compiled}"])
+    datamodule, _ = build_datamodule(cfg)
+    torch.manual_seed(0)
+    method = build_method(cfg, [])
+    x = method.to_model_range(datamodule.tensors("train")[0][:32])
+    torch.manual_seed(1)
+    loss = method.batch_loss(x)
+    loss.backward()
+    return method, loss.detach(), [p.grad for p in method.parameters()]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["+experiment=score_matching_toy2d"],
+     pytest.param(["network=unet_small", "network.base_channels=8"], marks=pytest.mark.slow)],
+    ids=["mlp on toy2d", "the default run's U-Net"],
+)  # fmt: skip
+def test_a_compiled_network_gives_the_eager_loss_and_gradients(overrides):
+    """``method.compile=true``: torch.compile (inductor, on this CPU) of the network gives the
+    eager network's loss and gradients to float tolerance, with the same checkpoint keys."""
+    eager, eager_loss, eager_grads = _loss_and_gradients(overrides, compiled=False)
+    compiled, loss, grads = _loss_and_gradients(overrides, compiled=True)
+    assert compiled.model.network._compiled_call_impl is not None  # it was compiled
+    assert eager.model.network._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
+    for grad, eager_grad in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
