@@ -115,7 +115,15 @@ class ScoreModel(nn.Module):
         sigma = append_dims(self.process.std(t), x.ndim).to(x.dtype)
         label = self.label(t)
         label = label.to(x.dtype) if label.is_floating_point() else label
-        return self.network(x, label), sigma, t
+        # the network in its own dtype (bf16-true, 64-true), the process's arithmetic in x's
+        out = self.network(x.to(self.network_dtype), label)
+        return out.to(x.dtype), sigma, t
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """The dtype of the network's weights (float32 for a network without any)."""
+        return next((p.dtype for p in self.network.parameters() if p.is_floating_point()),
+                    torch.float32)  # fmt: skip
 
     def _score(self, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor):
         if self.kind.score is not None:

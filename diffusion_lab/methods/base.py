@@ -205,6 +205,9 @@ class DiffusionMethod(TrainingModule):
         streams = SampleStreams(self.sample_seed, indices, self.device)
         shape = (len(indices), *sample_shape)
         x_init = self.process.prior_sampling(shape, generator=streams, device=self.device)
+        # a float64 network (64-true) samples in float64; any other in float32, bf16 included
+        if self.model.network_dtype == torch.float64:
+            x_init = x_init.double()
         was_training = self.training
         self.eval()
         result = self.sampler(

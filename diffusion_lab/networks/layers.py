@@ -37,8 +37,18 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    """DDPM's sinusoidal embedding (tensor2tensor ``get_timestep_embedding``), shape (B, dim).
+def embedding_precision(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an embedding computes in: float64 for a float64 network, float32 for any other.
+    sin(t * freq) at DDPM's t up to 999 is noise in bfloat16 (8 bits of mantissa: t itself is
+    off by up to 2), so a bfloat16 network embeds in float32 and casts the result."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, precision: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """DDPM's sinusoidal embedding (tensor2tensor ``get_timestep_embedding``), shape (B, dim),
+    computed in ``precision``.
 
     half = dim // 2, freqs = exp(-log(10000) * arange(half) / (half - 1)), output [sin, cos] of
     ``timesteps * freqs``, zero-padded by one column when ``dim`` is odd.
@@ -48,14 +58,28 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     if half < 2:
         raise NetworkConfigError(f"sinusoidal embedding dim must be >= 4, got {dim}")
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - 1)
+    exponent = torch.arange(half, dtype=precision, device=timesteps.device) / (half - 1)
     freqs = torch.exp(-math.log(10000.0) * exponent)
-    args = timesteps.float()[:, None] * freqs[None, :]
+    args = timesteps.to(precision)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-class SinusoidalEmbedding(nn.Module):
+class _FixedEmbedding(nn.Module):
+    """An embedding without trained weights that computes in :func:`embedding_precision` and
+    returns the network's dtype: that of an empty buffer, which ``.to()`` and Lightning's
+    precision plugins (``bf16-true``, ``64-true``) convert with the weights (not saved)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("dtype_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def precision(self) -> torch.dtype:
+        return embedding_precision(self.dtype_anchor.dtype)
+
+
+class SinusoidalEmbedding(_FixedEmbedding):
     """Module form of :func:`timestep_embedding`: (B,) labels -> (B, dim); no parameters."""
 
     def __init__(self, dim: int) -> None:
@@ -64,10 +88,10 @@ class SinusoidalEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return timestep_embedding(t, self.dim)
+        return timestep_embedding(t, self.dim, self.precision).to(self.dtype_anchor.dtype)
 
 
-class GaussianFourierEmbedding(nn.Module):
+class GaussianFourierEmbedding(_FixedEmbedding):
     """Random Fourier features [sin(2 pi W x), cos(2 pi W x)], W ~ N(0, scale^2) fixed (Score SDE).
 
     Embeds its input as given; (B,) -> (B, dim). W is a buffer: saved with the weights, never trained.
@@ -81,15 +105,16 @@ class GaussianFourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(dim // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = 2 * math.pi * x.float()[:, None] * self.freqs[None, :]
-        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+        p = self.precision
+        args = 2 * math.pi * x.to(p)[:, None] * self.freqs.to(p)[None, :]
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1).to(self.dtype_anchor.dtype)
 
 
 class LogSigmaFourierEmbedding(GaussianFourierEmbedding):
     """Fourier features of log(sigma), as Score SDE's NCSN++ does for VE models: input is sigma > 0."""
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        return super().forward(torch.log(sigma.float().clamp_min(1e-20)))
+        return super().forward(torch.log(sigma.to(self.precision).clamp_min(1e-20)))
 
 
 class LinearEmbedding(nn.Module):
@@ -104,7 +129,7 @@ class LinearEmbedding(nn.Module):
         self.linear = nn.Linear(1, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.linear(t.float()[:, None])
+        return self.linear(t.to(self.linear.weight.dtype)[:, None])
 
 
 def noise_embedding(kind: str, dim: int) -> nn.Module:

@@ -211,3 +211,61 @@ def test_a_compiled_network_gives_the_eager_loss_and_gradients(overrides):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
     for grad, eager_grad in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+PRECISION_RUNS = {  # the offline lines of experiments that cover the network families
+    "DDPM U-Net": ["network.base_channels=8"],
+    "NCSN RefineNet": ["+experiment=ncsn_mnist", "data=digits", "network=refinenet_small"],
+    # no corrector: an untrained NCSN++ outputs zero, and Langevin's step (snr |z| / |score|)^2
+    # is then infinite in any dtype
+    "NCSN++ (VE)": ["+experiment=sde_ve_cifar10", "data=digits", "network=ncsnpp_small",
+                    "process.sigma_max=10", "sampler.n_corrector_steps=0"],
+    "DDPM++ (VP)": ["+experiment=sde_vp_cifar10", "data=digits", "network=ddpmpp_small"],
+    "Soft blur": ["+experiment=soft_blur_cifar10", "data=digits", "data.image_size=16",
+                  "network=ncsnpp_small", "process.blur_max=6.0"],
+    "MLP on toy2d": ["+experiment=score_matching_toy2d"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16-true", "64-true"])
+@pytest.mark.parametrize("overrides", PRECISION_RUNS.values(), ids=PRECISION_RUNS.keys())
+def test_a_network_in_bfloat16_or_float64_trains_and_samples(overrides, dtype):
+    """``trainer.precision=bf16-true`` / ``64-true`` convert the weights and buffers
+    (``module.to(dtype)``, as Lightning's plugins do): the loss is computed and backpropagated,
+    the network runs in its dtype while the process's arithmetic stays in the batch's, and a
+    float64 network samples in float64 (a bfloat16 one in float32). The embeddings used to
+    force float32 and crashed at the first step ("mat1 and mat2 ... Float and BFloat16")."""
+    from diffusion_lab.build import build_datamodule, build_method, compose_config
+    from diffusion_lab.run import config_dir
+
+    cfg = compose_config(config_dir(), [*overrides, "method.num_eval_samples=0"])
+    datamodule, _ = build_datamodule(cfg)
+    torch.manual_seed(0)
+    method = build_method(cfg, []).to(dtype)
+    x = method.to_model_range(datamodule.tensors("train")[0][:8])
+    if dtype == torch.float64:  # Lightning's 64-true converts the batch too; bf16-true does not
+        x = x.double()
+    if method.process.needs_fit:
+        method.process.fit(x)
+    loss = method.batch_loss(x)
+    loss.backward()
+    assert loss.dtype == x.dtype and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in method.parameters() if p.grad is not None)
+    steps = {"steps": 2, "n_steps_each": 1} if "n_steps_each" in cfg.sampler else {"steps": 2}
+    samples, _ = method.draw(range(2), datamodule.data_shape, **steps)
+    assert samples.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(samples).all()
+
+
+def test_a_bfloat16_network_embeds_its_noise_level_in_float32():
+    """The embedding of t = 999 in a bfloat16 network is float32's, rounded once at the end
+    (computed in bfloat16, t * freq would be off by whole radians)."""
+    from diffusion_lab.networks.layers import SinusoidalEmbedding, timestep_embedding
+
+    t = torch.tensor([0.0, 1.0, 500.0, 999.0])
+    embedding = SinusoidalEmbedding(64).to(torch.bfloat16)
+    assert torch.equal(embedding(t), timestep_embedding(t, 64).to(torch.bfloat16))
+    assert (
+        embedding.dtype_anchor.dtype == torch.bfloat16
+        and "dtype_anchor" not in embedding.state_dict()
+    )
