@@ -124,18 +124,29 @@ def last_checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
+def checkpoint_global_step(path: Path) -> int:
+    """The training step a checkpoint was written at (read without loading its tensors)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def resume_if_requeued(ckpt_path: str | None, run_dir: str | Path) -> str | None:
-    """``last`` for a SLURM job that was requeued (preempted, or timed out with submitit's
-    ``max_num_timeout``: ``SLURM_RESTART_COUNT`` > 0) and whose folder holds last.ckpt: it
-    starts again with its first overrides, ``ckpt_path=null`` included, and would retrain from
-    step 0 in the same folder. Otherwise ``ckpt_path`` as it is."""
+    """Where a requeued SLURM job resumes: it starts again with its first overrides,
+    ``ckpt_path=null`` included (preempted, or timed out with submitit's ``max_num_timeout``:
+    ``SLURM_RESTART_COUNT`` > 0), and would retrain from step 0 in the same folder. It resumes
+    from the latest of its folder's checkpoints: ``checkpoints/last.ckpt`` (an epoch end, or
+    written when SLURM's SIGTERM stopped it) or Lightning's ``hpc_ckpt_N.ckpt`` (written on the
+    requeue signal, SIGUSR1, when Lightning requeues the job itself). Otherwise ``ckpt_path``
+    as it is."""
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
     if ckpt_path is not None or restarts in ("", "0"):
         return ckpt_path
-    if not last_checkpoint_path(run_dir).is_file():
+    candidates = [last_checkpoint_path(run_dir), *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
         return ckpt_path
-    log.info("SLURM requeued this job (restart %s): resuming from its last.ckpt", restarts)
-    return "last"
+    latest = max(found, key=lambda path: (checkpoint_global_step(path), path.name))
+    log.info("SLURM requeued this job (restart %s): resuming from %s", restarts, latest.name)
+    return "last" if latest == last_checkpoint_path(run_dir) else str(latest)
 
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None:

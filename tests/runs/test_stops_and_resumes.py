@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import cli
-from helpers.runs import checkpoint_step, error_lines, last_line, text_of, wait_for
+from helpers.runs import (
+    checkpoint_step,
+    error_lines,
+    last_line,
+    last_logged_step,
+    text_of,
+    wait_for,
+)
 
 # 1437 training digits at batch 64: 23 steps per epoch; a validation every epoch (trainer=debug).
 TINY = ["trainer=debug", "network.base_channels=8", "data.batch_size=64",
@@ -50,9 +57,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
     """``python -m diffusion_lab.run args``, stdout and stderr in one stream as on a terminal."""
-    return cli.run([sys.executable, "-m", "diffusion_lab.run", *args], env=env(),
+    return cli.run([sys.executable, "-m", "diffusion_lab.run", *args], env={**env(), **extra_env},
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                    timeout=timeout)  # fmt: skip
 
@@ -63,12 +70,12 @@ def start():
     files to be polled; a run still alive when the test ends (a failed wait) is killed."""
     started: list[cli.Popen] = []
 
-    def start_run(run_dir: Path, *overrides: str) -> tuple[cli.Popen, Path, Path]:
+    def start_run(run_dir: Path, *overrides: str, **extra_env: str) -> tuple[cli.Popen, Path, Path]:
         out, err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
         command = [sys.executable, "-m", "diffusion_lab.run", *overrides,
                    f"hydra.run.dir={run_dir}"]  # fmt: skip
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            process = cli.Popen(command, stdout=stdout, stderr=stderr, env=env())
+            process = cli.Popen(command, stdout=stdout, stderr=stderr, env={**env(), **extra_env})
         started.append(process)
         return process, out, err
 
@@ -290,9 +297,45 @@ def test_a_requeued_slurm_job_resumes_from_its_checkpoint_without_a_command(tmp_
         stderr=subprocess.STDOUT, text=True, timeout=600,
     )  # fmt: skip
     assert requeued.returncode == 0, requeued.stdout[-3000:]
-    assert "SLURM requeued this job (restart 1): resuming from its last.ckpt" in requeued.stdout
+    assert "SLURM requeued this job (restart 1): resuming from last.ckpt" in requeued.stdout
     assert "Restored all states from the checkpoint" in requeued.stdout
     assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 14
     with open(tmp_path / "logs" / "metrics.csv", newline="") as rows:
         steps = sorted({int(row["step"]) for row in csv.DictReader(rows)})
     assert steps[0] < 12 and steps[-1] >= 12
+
+
+def test_slurms_requeue_signal_checkpoints_requeues_and_the_requeued_job_resumes_there(
+    tmp_path, start
+):
+    """Under SLURM (its environment, faked, and an ``scontrol`` that records its calls),
+    SIGUSR1, the signal ``sbatch --signal`` sends before the time limit, makes Lightning write
+    hpc_ckpt_1.ckpt and run ``scontrol requeue JOB`` while training goes on. Killed then (as
+    SLURM ends a job whose grace time ran out), the job SLURM starts again (SLURM_RESTART_COUNT
+    = 1, its first overrides, ckpt_path=null) resumes from that checkpoint, the latest, not
+    from the epoch end's last.ckpt."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
+    run_dir = tmp_path / "run"
+    process, out, err = start(run_dir, *TINY, *QUIET, "trainer.max_steps=100000", **slurm)
+    last, hpc = run_dir / "checkpoints" / "last.ckpt", run_dir / "hpc_ckpt_1.ckpt"
+    wait_for(lambda: checkpoint_step(last), "the first epoch-end checkpoint", process)
+    wait_for(lambda: last_logged_step(run_dir) > checkpoint_step(last), "a later step", process)
+    process.send_signal(signal.SIGUSR1)
+    wait_for(lambda: checkpoint_step(hpc), "Lightning's hpc checkpoint", process)
+    wait_for(lambda: "requeue 4242" in text_of(calls), "scontrol requeue 4242", process)
+    process.kill()
+    process.wait(timeout=60)
+    step = checkpoint_step(hpc)
+    assert step > checkpoint_step(last), text_of(err)[-3000:]
+    requeued = run(*TINY, *QUIET, f"trainer.max_steps={step + 2}", f"hydra.run.dir={run_dir}",
+                   **slurm, SLURM_RESTART_COUNT="1")  # fmt: skip
+    assert requeued.returncode == 0, requeued.stdout[-3000:]
+    assert "SLURM requeued this job (restart 1): resuming from hpc_ckpt_1.ckpt" in requeued.stdout
+    assert checkpoint_step(last) == step + 2
