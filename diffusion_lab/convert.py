@@ -1,14 +1,18 @@
-"""``python -m diffusion_lab.convert SRC OUT``: a diffusers DDPM checkpoint as a run folder.
+"""``python -m diffusion_lab.convert SRC OUT``: a diffusers DDPM or NCSN++ checkpoint as a run folder.
 
 SRC is a folder that diffusers wrote (``save_pretrained``, or a Hub snapshot such as
-google/ddpm-cifar10-32): ``config.json`` of a ``UNet2DModel`` and ``diffusion_pytorch_model.safetensors``
-(or ``.bin``), either in SRC or in SRC/unet (a pipeline folder); the beta schedule, T and the
-prediction type come from ``scheduler_config.json`` in SRC, SRC/scheduler or beside SRC, DDPM's
-(linear 1e-4 .. 0.02, T = 1000, epsilon) when there is none. OUT becomes what
-``python -m diffusion_lab.sample OUT`` reads: ``.hydra/overrides.yaml`` (method ddpm, process vp,
-the U-Net's shape), the resolved ``config.yaml`` and ``checkpoints/last.ckpt`` (the weights as
-the EMA weights of a trained run). A source that our U-Net or VP process cannot represent is
-refused with one line naming the field.
+google/ddpm-cifar10-32 or google/ncsnpp-celebahq-256): ``config.json`` of a ``UNet2DModel`` and
+``diffusion_pytorch_model.safetensors`` (or ``.bin``), either in SRC or in SRC/unet (a pipeline
+folder). The model's config decides the method: DDPM's U-Net (positional time embedding) becomes
+``method=ddpm`` on the VP process, whose beta schedule, T and prediction type come from
+``scheduler_config.json`` in SRC, SRC/scheduler or beside SRC (DDPM's, linear 1e-4 .. 0.02,
+T = 1000, epsilon, when there is none); NCSN++ (Skip blocks, Fourier embedding) becomes
+``method=score_sde_ve`` on the VE process with the PC sampler, sigma range, N and snr from its
+``ScoreSdeVeScheduler`` config (diffusers' defaults when there is none). OUT becomes what
+``python -m diffusion_lab.sample OUT`` reads: ``.hydra/overrides.yaml``, the resolved
+``config.yaml`` and ``checkpoints/last.ckpt`` (the weights as the EMA weights of a trained
+run). A source that our networks or processes cannot represent is refused with one line naming
+the field.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from diffusion_lab.build import build_method, compose_config, load_safely
 from diffusion_lab.callbacks.checkpoint import temporary_path, write_durably
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.networks.from_diffusers import unet_kwargs, unet_state_dict
-from diffusion_lab.processes.from_diffusers import DEFAULTS, vp_settings
+from diffusion_lab.networks.ncsnpp_from_diffusers import ncsnpp_kwargs, ncsnpp_state_dict
+from diffusion_lab.processes.from_diffusers import DEFAULTS, VE_DEFAULTS, ve_settings, vp_settings
 from diffusion_lab.run import config_dir
 from diffusion_lab.sample import OneLineParser
 from diffusion_lab.schema import check_config
@@ -80,22 +85,30 @@ def scheduler_config(src: Path, folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def run_overrides(network: dict[str, Any], process: dict[str, Any], data: str) -> list[str]:
-    """The Hydra overrides of the converted run: DDPM on the VP process with this U-Net."""
+def listed(values: list[int]) -> str:
+    """A list as a Hydra override value: [1,2,3]."""
+    return "[" + ",".join(str(v) for v in values) + "]"
 
-    def listed(values: list[int]) -> str:
-        return "[" + ",".join(str(v) for v in values) + "]"
 
+def shape_overrides(network: dict[str, Any], preset: str, data: str) -> list[str]:
+    """The data and network overrides that give the ``preset`` network the converted shape."""
     return [
         f"data={data}",
         f"data.image_size={network['image_size']}",
         f"data.channels={network['in_channels']}",
-        "network=unet_ddpm_cifar10",
+        f"network={preset}",
         f"network.base_channels={network['base_channels']}",
         f"network.channel_mult={listed(network['channel_mult'])}",
         f"network.num_res_blocks={network['num_res_blocks']}",
         f"network.attn_resolutions={listed(network['attn_resolutions'])}",
         f"network.dropout={network['dropout']!r}",
+    ]
+
+
+def ddpm_overrides(network: dict[str, Any], process: dict[str, Any], data: str) -> list[str]:
+    """The Hydra overrides of a converted DDPM: the VP process with this U-Net."""
+    return [
+        *shape_overrides(network, "unet_ddpm_cifar10", data),
         "process=vp",
         f"schedule={process['schedule']}",
         f"process.num_steps={process['num_steps']}",
@@ -104,6 +117,28 @@ def run_overrides(network: dict[str, Any], process: dict[str, Any], data: str) -
         "method=ddpm",
         f"method.parameterization={process['parameterization']}",
         "loss=epsilon",
+    ]
+
+
+def ncsnpp_overrides(
+    network: dict[str, Any], process: dict[str, Any], sampler: dict[str, Any], data: str
+) -> list[str]:
+    """The Hydra overrides of a converted NCSN++: the VE SDE (geometric sigma) with the PC
+    sampler; ``network=ncsnpp_celeba`` has the Skip pyramids, FIR and the Fourier embedding."""
+    return [
+        *shape_overrides(network, "ncsnpp_celeba", data),
+        "process=ve",
+        "schedule=geometric",
+        f"process.sigma_min={process['sigma_min']!r}",
+        f"process.sigma_max={process['sigma_max']!r}",
+        f"process.num_steps={process['num_steps']}",
+        "method=score_sde_ve",
+        "loss=dsm",
+        "sampler=pc",
+        f"sampler.snr={sampler['snr']!r}",
+        f"sampler.steps={sampler['steps']}",
+        f"sampler.eps={sampler['eps']!r}",
+        f"sampler.n_corrector_steps={sampler['n_corrector_steps']}",
     ]
 
 
@@ -146,7 +181,7 @@ def write_run(out: Path, overrides: list[str], state: dict[str, torch.Tensor], s
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Convert SRC (a diffusers UNet2DModel folder) into the run folder OUT."""
+    """Convert SRC (a diffusers UNet2DModel folder: DDPM or NCSN++) into the run folder OUT."""
     parser = OneLineParser(
         prog="python -m diffusion_lab.convert", description=__doc__.splitlines()[0]
     )
@@ -162,17 +197,34 @@ def main(argv: list[str] | None = None) -> None:
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
             raise ConfigError(f"{args.out} exists and is not an empty folder: give a new OUT")
         folder = model_folder(args.src)
-        network = unet_kwargs(read_json(folder / "config.json"))
-        state = unet_state_dict(read_weights(folder), network)
+        config = read_json(folder / "config.json")
         scheduler = scheduler_config(args.src, folder)
-        process = vp_settings(scheduler if scheduler is not None else DEFAULTS)
-        overrides = run_overrides(network, process, args.data)
-        count = write_run(args.out, overrides, state, args.src)
-    source = "its scheduler config" if scheduler is not None else "none found: DDPM's"
+        found = "its scheduler config" if scheduler is not None else "no scheduler config"
+        if config.get("time_embedding_type") == "fourier":
+            network = ncsnpp_kwargs(config)
+            state = ncsnpp_state_dict(read_weights(folder), network)
+            process, sampler = ve_settings(scheduler if scheduler is not None else VE_DEFAULTS)
+            overrides = ncsnpp_overrides(network, process, sampler, args.data)
+            count = write_run(args.out, overrides, state, args.src)
+            what = (
+                f"NCSN++, {count:,} parameters; VE process, sigma {process['sigma_min']:g} .. "
+                f"{process['sigma_max']:g}, N = {process['num_steps']}; PC sampler, snr "
+                f"{sampler['snr']:g} ({found}{'' if scheduler else ', diffusers defaults'})"
+            )
+        else:
+            network = unet_kwargs(config)
+            state = unet_state_dict(read_weights(folder), network)
+            process = vp_settings(scheduler if scheduler is not None else DEFAULTS)
+            overrides = ddpm_overrides(network, process, args.data)
+            count = write_run(args.out, overrides, state, args.src)
+            what = (
+                f"DDPM U-Net, {count:,} parameters; VP process, T = {process['num_steps']}, "
+                f"{process['schedule']} ({found}{'' if scheduler else ', DDPM defaults'}), "
+                f"{process['parameterization']}"
+            )
     print(
-        f"wrote {args.out / 'checkpoints' / 'last.ckpt'}: DDPM U-Net, {count:,} parameters; VP "
-        f"process, T = {process['num_steps']}, {process['schedule']} ({source}), "
-        f"{process['parameterization']}. Sample with: python -m diffusion_lab.sample {args.out}"
+        f"wrote {args.out / 'checkpoints' / 'last.ckpt'}: {what}. "
+        f"Sample with: python -m diffusion_lab.sample {args.out}"
     )
 
 

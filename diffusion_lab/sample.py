@@ -77,6 +77,21 @@ def read_yaml(path: Path, load: Callable[[str], T]) -> T:
         ) from None
 
 
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets: ``sampler`` of ``sampler=pc``, ``sampler.snr`` of
+    ``+sampler.snr=0.1``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def run_overrides(saved: list[str], overrides: list[str]) -> list[str]:
+    """The run's recorded overrides, then the new ones. A new ``sampler=...`` replaces the
+    recorded sampler with its settings (``sampler.snr=0.17`` of a PC sampler is no key of Heun's)."""
+    if any(override_key(o) == "sampler" for o in overrides):
+        key = override_key
+        saved = [o for o in saved if key(o) != "sampler" and not key(o).startswith("sampler.")]
+    return [*saved, *overrides]
+
+
 def load_run(run_dir: Path, overrides: list[str]):
     """The run's method with its trained weights, and its DataModule."""
     check_run_folder(run_dir)
@@ -85,7 +100,7 @@ def load_run(run_dir: Path, overrides: list[str]):
         raise ConfigError(f"no checkpoint at {checkpoint_path}: train the run first")
     recorded = run_dir / ".hydra" / "overrides.yaml"
     saved = read_yaml(recorded, yaml.safe_load) if recorded.is_file() else []
-    cfg = compose_config(config_dir(), [*saved, *overrides])
+    cfg = compose_config(config_dir(), run_overrides(saved, overrides))
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     check_config(cfg)

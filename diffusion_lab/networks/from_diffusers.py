@@ -60,11 +60,95 @@ SHAPED = {
 }
 
 
-def _refuse(field: str, value: Any, why: str) -> ConfigError:
+SOURCE = "DDPM's U-Net, e.g. google/ddpm-cifar10-32"
+
+
+def refuse(field: str, value: Any, why: str, source: str = SOURCE) -> ConfigError:
+    """The one-line error for a config field that cannot be converted."""
     return ConfigError(
         f"diffusers config field {field} = {value!r} cannot be converted: {why} "
-        "(diffusion_lab converts DDPM's U-Net, e.g. google/ddpm-cifar10-32)"
+        f"(diffusion_lab converts {source})"
     )
+
+
+def read_fields(
+    config: Mapping[str, Any],
+    fixed: Mapping[str, tuple[Any, Any]],
+    shaped: Mapping[str, Any],
+    source: str,
+    ignored: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The ``shaped`` fields of a ``UNet2DModel`` config, diffusers' defaults filled in.
+
+    Raises :class:`ConfigError` for an unknown field (not in ``fixed``, ``shaped`` or
+    ``ignored``: the fields the source's blocks never read) or a ``fixed`` field (diffusers'
+    default, the one value we represent) with another value.
+    """
+    name = config.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise refuse("_class_name", name, "only UNet2DModel is supported", source)
+    known = set(fixed) | set(shaped) | ignored
+    for field in config:
+        if not field.startswith("_") and field not in known:
+            raise refuse(field, config[field], "a field this converter does not know", source)
+    for field, (default, wanted) in fixed.items():
+        value = config.get(field, default)
+        if value != wanted:
+            raise refuse(field, value, f"the network has {wanted!r}", source)
+    return {field: config.get(field, default) for field, default in shaped.items()}
+
+
+def shape_kwargs(
+    cfg: Mapping[str, Any], blocks: tuple[str, str, str, str], source: str
+) -> dict[str, Any]:
+    """The arguments that give a network its shape (channels, levels, blocks, attention), from
+    the fields of :data:`SHAPED`; ``blocks`` names the (down, attention down, up, attention up)
+    block types, the attention ones single-head (``attention_head_dim`` null or the width)."""
+    plain_down, attn_down, plain_up, attn_up = blocks
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    if not set(down) <= {plain_down, attn_down}:
+        raise refuse(
+            "down_block_types", down, f"only {plain_down} and {attn_down} are supported", source
+        )
+    mirrored = [attn_up if kind == attn_down else plain_up for kind in reversed(down)]
+    if up != mirrored:
+        raise refuse("up_block_types", up, f"it must mirror down_block_types: {mirrored}", source)
+    channels = [int(c) for c in cfg["block_out_channels"]]
+    if len(channels) != len(down) or any(c % channels[0] for c in channels):
+        raise refuse(
+            "block_out_channels",
+            channels,
+            "one entry per block, each a multiple of the first (our channel_mult)",
+            source,
+        )
+    size = cfg["sample_size"]
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    if not isinstance(size, int) or size % 2 ** (len(down) - 1):
+        raise refuse(
+            "sample_size",
+            cfg["sample_size"],
+            f"a square size divisible by {2 ** (len(down) - 1)}",
+            source,
+        )
+    if cfg["out_channels"] != cfg["in_channels"]:
+        raise refuse("out_channels", cfg["out_channels"], "it must equal in_channels", source)
+    if cfg["time_embedding_dim"] not in (None, 4 * channels[0]):
+        raise refuse(
+            "time_embedding_dim", cfg["time_embedding_dim"], f"ours is {4 * channels[0]}", source
+        )
+    attended = {c for c, kind in zip(channels, down, strict=True) if kind == attn_down}
+    heads_dim = cfg["attention_head_dim"]
+    if heads_dim is not None and attended | {channels[-1]} != {heads_dim}:
+        raise refuse("attention_head_dim", heads_dim, "ours is single-head attention", source)
+    return {
+        "in_channels": int(cfg["in_channels"]),
+        "image_size": size,
+        "base_channels": channels[0],
+        "channel_mult": [c // channels[0] for c in channels],
+        "num_res_blocks": int(cfg["layers_per_block"]),
+        "attn_resolutions": [size // 2**i for i, kind in enumerate(down) if kind == attn_down],
+        "dropout": float(cfg["dropout"]),
+    }
 
 
 def unet_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,60 +157,15 @@ def unet_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     Raises :class:`ConfigError` naming the first field our U-Net cannot represent: another
     block type, multi-head attention, a norm group count other than ours, an unknown field.
     """
-    name = config.get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise _refuse("_class_name", name, "only UNet2DModel is supported")
-    for field in config:
-        if not field.startswith("_") and field not in FIXED and field not in SHAPED:
-            raise _refuse(field, config[field], "a field this converter does not know")
-    for field, (default, wanted) in FIXED.items():
-        value = config.get(field, default)
-        if value != wanted:
-            raise _refuse(field, value, f"DDPM's U-Net has {wanted!r}")
-    cfg = {field: config.get(field, default) for field, default in SHAPED.items()}
-
-    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
-    if not set(down) <= {DOWN, ATTN_DOWN}:
-        raise _refuse("down_block_types", down, f"only {DOWN} and {ATTN_DOWN} are supported")
-    mirrored = [ATTN_UP if kind == ATTN_DOWN else UP for kind in reversed(down)]
-    if up != mirrored:
-        raise _refuse("up_block_types", up, f"it must mirror down_block_types: {mirrored}")
-    channels = [int(c) for c in cfg["block_out_channels"]]
-    if len(channels) != len(down) or any(c % channels[0] for c in channels):
-        raise _refuse(
-            "block_out_channels",
-            channels,
-            "one entry per block, each a multiple of the first (our channel_mult)",
-        )
-    size = cfg["sample_size"]
-    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
-    if not isinstance(size, int) or size % 2 ** (len(down) - 1):
-        raise _refuse(
-            "sample_size", cfg["sample_size"], f"a square size divisible by {2 ** (len(down) - 1)}"
-        )
-    if cfg["out_channels"] != cfg["in_channels"]:
-        raise _refuse("out_channels", cfg["out_channels"], "it must equal in_channels (epsilon)")
-    if cfg["time_embedding_dim"] not in (None, 4 * channels[0]):
-        raise _refuse("time_embedding_dim", cfg["time_embedding_dim"], f"ours is {4 * channels[0]}")
-    attended = {c for c, kind in zip(channels, down, strict=True) if kind == ATTN_DOWN}
-    heads_dim = cfg["attention_head_dim"]
-    if heads_dim is not None and attended | {channels[-1]} != {heads_dim}:
-        raise _refuse("attention_head_dim", heads_dim, "ours is single-head attention (null)")
-
+    cfg = read_fields(config, FIXED, SHAPED, SOURCE)
     kwargs = {
-        "in_channels": int(cfg["in_channels"]),
-        "image_size": size,
-        "base_channels": channels[0],
-        "channel_mult": [c // channels[0] for c in channels],
-        "num_res_blocks": int(cfg["layers_per_block"]),
-        "attn_resolutions": [size // 2**i for i, kind in enumerate(down) if kind == ATTN_DOWN],
-        "dropout": float(cfg["dropout"]),
+        **shape_kwargs(cfg, (DOWN, ATTN_DOWN, UP, ATTN_UP), SOURCE),
         "embedding": "sinusoidal",
     }
     with torch.device("meta"):
         groups = {m.num_groups for m in UNet(**kwargs).modules() if isinstance(m, nn.GroupNorm)}
     if groups != {cfg["norm_num_groups"]}:
-        raise _refuse(
+        raise refuse(
             "norm_num_groups", cfg["norm_num_groups"], f"ours has {sorted(groups)} at these widths"
         )
     return kwargs
@@ -140,13 +179,23 @@ def _resnet(ours: str, theirs: str) -> Iterator[tuple[str, str, bool]]:
     yield f"{ours}.skip", f"{theirs}.conv_shortcut", False  # only where the channels change
 
 
-def _pairs(kwargs: Mapping[str, Any]) -> Iterator[tuple[str, str, bool]]:
-    """(our prefix, diffusers' prefix, is attention) for every layer with weights, in order."""
-    levels, blocks = len(kwargs["channel_mult"]), kwargs["num_res_blocks"]
-    attended = {kwargs["image_size"] // res for res in kwargs["attn_resolutions"]}
+def stem_pairs() -> Iterator[tuple[str, str, bool]]:
+    """The time-embedding MLP and the input conv, named alike in our networks and diffusers'."""
     yield "temb.0", "time_embedding.linear_1", False
     yield "temb.2", "time_embedding.linear_2", False
     yield "conv_in", "conv_in", False
+
+
+def attended_levels(kwargs: Mapping[str, Any]) -> set[int]:
+    """2**level for each level with attention."""
+    return {kwargs["image_size"] // res for res in kwargs["attn_resolutions"]}
+
+
+def _pairs(kwargs: Mapping[str, Any]) -> Iterator[tuple[str, str, bool]]:
+    """(our prefix, diffusers' prefix, is attention) for every layer with weights, in order."""
+    levels, blocks = len(kwargs["channel_mult"]), kwargs["num_res_blocks"]
+    attended = attended_levels(kwargs)
+    yield from stem_pairs()
     i = 0
     for level in range(levels):
         for j in range(blocks):
@@ -185,7 +234,7 @@ ATTENTION_LAYERS = {
 }
 
 
-def _attention(
+def attention_weights(
     state: Mapping[str, torch.Tensor], ours: str, theirs: str, used: set[str]
 ) -> dict[str, torch.Tensor]:
     """diffusers' ``Attention`` (Linear q, k, v, out) as our ``AttentionBlock`` (one 1x1 qkv conv
@@ -194,7 +243,7 @@ def _attention(
     for name, legacy in ATTENTION_LAYERS.items():
         found = next((n for n in (name, legacy) if f"{theirs}.{n}.weight" in state), None)
         if found is None:
-            raise _missing(f"{theirs}.{name}.weight")
+            raise missing_weight(f"{theirs}.{name}.weight")
         keys = {p: f"{theirs}.{found}.{p}" for p in ("weight", "bias")}
         layer[name] = {p: state[k] for p, k in keys.items()}
         used.update(keys.values())
@@ -209,24 +258,32 @@ def _attention(
     }
 
 
-def _missing(key: str) -> ConfigError:
+def missing_weight(key: str) -> ConfigError:
     return ConfigError(f"diffusers weights lack {key}: give the config.json saved with them")
 
 
-def unet_state_dict(
-    state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]
+def mapped_weights(
+    state: Mapping[str, torch.Tensor],
+    pairs: Iterator[tuple[str, str, bool]],
+    tensors: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """diffusers' ``UNet2DModel`` weights as the state dict of ``UNet(**kwargs)``
-    (``kwargs`` from :func:`unet_kwargs`).
+    """diffusers' weights under our names: each (our prefix, diffusers' prefix, is attention) of
+    ``pairs`` with its weight and bias (a ``conv_shortcut`` only where the file has one), and
+    each our key -> diffusers' key of ``tensors`` (e.g. fixed Fourier frequencies).
 
     Raises :class:`ConfigError` naming a weight the config implies but the file lacks, or one the
     file has that the config does not explain (a config and weights that do not belong together).
     """
     ours: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for mine, theirs, attention in _pairs(kwargs):
+    for mine, theirs in (tensors or {}).items():
+        if theirs not in state:
+            raise missing_weight(theirs)
+        ours[mine] = state[theirs]
+        used.add(theirs)
+    for mine, theirs, attention in pairs:
         if attention:
-            ours.update(_attention(state, mine, theirs, used))
+            ours.update(attention_weights(state, mine, theirs, used))
             continue
         for param in ("weight", "bias"):
             key = f"{theirs}.{param}"
@@ -234,7 +291,7 @@ def unet_state_dict(
                 ours[f"{mine}.{param}"] = state[key]
                 used.add(key)
             elif not theirs.endswith("conv_shortcut"):
-                raise _missing(key)
+                raise missing_weight(key)
     extra = sorted(set(state) - used)
     if extra:
         raise ConfigError(
@@ -242,3 +299,11 @@ def unet_state_dict(
             f"({len(extra)} such): give the config.json saved with them"
         )
     return ours
+
+
+def unet_state_dict(
+    state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """diffusers' ``UNet2DModel`` weights as the state dict of ``UNet(**kwargs)`` (``kwargs``
+    from :func:`unet_kwargs`); see :func:`mapped_weights` for what is refused."""
+    return mapped_weights(state, _pairs(kwargs))

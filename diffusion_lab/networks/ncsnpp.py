@@ -14,16 +14,19 @@ One class, :class:`NCSNpp`, a faithful subset of Score SDE's ``models/ncsnpp.py`
   ``"positional"``, ch features) for VP models, followed by the two-layer MLP to 4 * ch;
 * the input pyramid of ``progressive_input="residual"`` (the image is downsampled alongside the
   features by 3x3 stride-2 convs, FIR-blurred when ``fir``, and added to them, rescaled by
-  1/sqrt(2)), or ``"none"``;
+  1/sqrt(2)), of ``"input_skip"`` (the image itself is resampled, FIR or average pool, and a 1x1
+  conv of it added to each downsampled feature map: ``progressive_combine="sum"``), or
+  ``"none"``;
+* the output pyramid of ``progressive="output_skip"`` (at every level GroupNorm, SiLU and a 3x3
+  conv to the image channels, summed with the upsampled sum of the coarser levels: the finest
+  level's sum is the output), or ``"none"`` (one GroupNorm-SiLU-conv head at the end);
 * initialisation as Score SDE: every conv and dense layer ``variance_scaling(1, fan_avg,
   uniform)`` (= Xavier uniform) with zero biases, and ``init_scale=0.`` layers (the last conv of
   each residual block, the attention output projection, the output conv) exactly zero, so that the
   untrained network outputs zero; gradients still reach every parameter (see the tests).
 
-Not implemented (Score SDE options): ``resblock_type="ddpm"``, ``progressive="output_skip"`` /
-``"residual"`` (the output pyramid is always ``"none"``, as in both CIFAR-10 configs),
-``progressive_input="input_skip"`` (used by the CelebA-HQ / FFHQ configs), ``progressive_combine``,
-``conditional=False``, ``conv_size`` other than 3. Two things Score SDE does inside the network are
+Not implemented (Score SDE options): ``resblock_type="ddpm"``, ``progressive="residual"``,
+``progressive_combine="cat"``, ``conditional=False``, ``conv_size`` other than 3. Two things Score SDE does inside the network are
 left to the method: ``scale_by_sigma`` (NCSN++ VE divides the output by sigma) and mapping
 uncentred [0, 1] data to [-1, 1]. The output is therefore raw: the method decides whether it is a
 score, a scaled score or noise.
@@ -35,6 +38,10 @@ Fourier weights, a buffer here) and, with DDPM++'s settings, DDPM++ (61,804,419)
 
 Image sizes that ``2 ** (len(channel_mult) - 1)`` does not divide are reflect-padded and cropped
 back, as in :class:`~diffusion_lab.networks.unet.UNet`.
+
+diffusers' ``UNet2DModel`` with Skip blocks (its port of NCSN++, e.g. google/ncsnpp-celebahq-256)
+is this class with ``progressive="output_skip", progressive_input="input_skip"``; its weights
+convert one to one (:mod:`diffusion_lab.networks.ncsnpp_from_diffusers`).
 """
 
 from __future__ import annotations
@@ -58,11 +65,17 @@ from diffusion_lab.networks.ncsnpp_layers import (
     ConvDownsample,
     RescaledAttention,
     ResnetBlockBigGAN,
+    fir_downsample_2d,
+    fir_kernel_2d,
+    fir_upsample_2d,
+    naive_downsample_2d,
+    naive_upsample_2d,
 )
 from diffusion_lab.networks.unet import UNet, _padded_size
 
 RESBLOCKS = ("biggan",)
-PROGRESSIVE_INPUTS = ("none", "residual")
+PROGRESSIVE_INPUTS = ("none", "residual", "input_skip")
+PROGRESSIVE_OUTPUTS = ("none", "output_skip")
 
 
 class NCSNpp(nn.Module):
@@ -87,7 +100,9 @@ class NCSNpp(nn.Module):
         fir_kernel: the 1-D FIR kernel; its normalised outer product is used.
         skip_rescale: divide every residual sum by sqrt(2).
         resblock: only ``"biggan"`` (resampling inside residual blocks).
-        progressive_input: ``"residual"`` (input pyramid added to the features) or ``"none"``.
+        progressive_input: ``"residual"`` (input pyramid added to the features),
+            ``"input_skip"`` (1x1 convs of the resampled image added) or ``"none"``.
+        progressive: ``"output_skip"`` (an output head per level, summed upwards) or ``"none"``.
         out_channels: output channels; defaults to ``in_channels``.
     """
 
@@ -107,6 +122,7 @@ class NCSNpp(nn.Module):
         resblock: str = "biggan",
         progressive_input: str = "residual",
         out_channels: int | None = None,
+        progressive: str = "none",
     ) -> None:
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -122,6 +138,10 @@ class NCSNpp(nn.Module):
             raise NetworkConfigError(
                 f"progressive_input must be one of {PROGRESSIVE_INPUTS}, got {progressive_input!r}"
             )
+        if progressive not in PROGRESSIVE_OUTPUTS:
+            raise NetworkConfigError(
+                f"progressive must be one of {PROGRESSIVE_OUTPUTS}, got {progressive!r}"
+            )
         self.image_size = int(image_size)
         self.padded_size = _padded_size(self.image_size, len(channel_mult))
         resolutions = [self.padded_size // 2**i for i in range(len(channel_mult))]
@@ -132,8 +152,9 @@ class NCSNpp(nn.Module):
                 f"and {len(channel_mult)} levels the feature maps are {resolutions}"
             )
         self.num_res_blocks = int(num_res_blocks)
-        self.progressive_input = progressive_input
-        self.skip_rescale = bool(skip_rescale)
+        self.progressive_input, self.progressive = progressive_input, progressive
+        self.skip_rescale, self.fir = bool(skip_rescale), bool(fir)
+        self.register_buffer("kernel", fir_kernel_2d(fir_kernel), persistent=False)
 
         ch, temb_dim = int(base_channels), 4 * int(base_channels)
         embed_dim = 2 * ch if embedding in FOURIER_EMBEDDINGS else ch
@@ -157,7 +178,8 @@ class NCSNpp(nn.Module):
         self.down_blocks = nn.ModuleList()
         self.down_attn = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
-        self.pyramid_down = nn.ModuleList()
+        self.pyramid_down = nn.ModuleList()  # "residual": the pyramid's own stride-2 convs
+        self.pyramid_combine = nn.ModuleList()  # "input_skip": 1x1 convs of the image
         skips, cur, pyramid_ch = [ch], ch, in_channels
         for level, (mult, size) in enumerate(zip(channel_mult, resolutions, strict=True)):
             for _ in range(num_res_blocks):
@@ -170,32 +192,48 @@ class NCSNpp(nn.Module):
                 if progressive_input == "residual":
                     self.pyramid_down.append(ConvDownsample(pyramid_ch, cur, fir, fir_kernel))
                     pyramid_ch = cur
+                elif progressive_input == "input_skip":
+                    self.pyramid_combine.append(nn.Conv2d(in_channels, cur, 1))
                 skips.append(cur)
 
         self.mid = nn.ModuleList([res(cur), attn(cur), res(cur)])
 
         # Up path: per level, (num_res_blocks + 1) res blocks on [h, skip], attention once if the
-        # level is in attn_resolutions, then an upsampling res block except at the first level.
+        # level is in attn_resolutions, the output pyramid's head, then an upsampling res block
+        # except at the first level.
         self.up_blocks = nn.ModuleList()
         self.up_attn = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
+        self.pyramid_out = nn.ModuleList()  # "output_skip": one head per level, coarsest first
         for level in reversed(range(len(channel_mult))):
             mult, size = channel_mult[level], resolutions[level]
             for _ in range(num_res_blocks + 1):
                 self.up_blocks.append(res(cur + skips.pop(), ch * mult))
                 cur = ch * mult
             self.up_attn.append(attn(cur) if size in attn_resolutions else nn.Identity())
+            if progressive == "output_skip":
+                self.pyramid_out.append(self._output_head(cur, out_channels))
             if level != 0:
                 self.upsamplers.append(res(cur, resample="up"))
         assert not skips
 
-        self.norm_out = group_norm(cur)
-        self.conv_out = zero_module(conv3x3(cur, out_channels))
+        if progressive == "none":
+            self.norm_out = group_norm(cur)
+            self.conv_out = zero_module(conv3x3(cur, out_channels))
         self._init_weights()
+
+    @staticmethod
+    def _output_head(channels: int, out_channels: int) -> nn.Sequential:
+        """GroupNorm, SiLU and a zero-initialised 3x3 conv to the output channels."""
+        return nn.Sequential(
+            group_norm(channels), nn.SiLU(), zero_module(conv3x3(channels, out_channels))
+        )
 
     def _init_weights(self) -> None:
         """Score SDE's ``default_init`` (Xavier uniform, zero bias) for every conv and dense layer
         that is not one of the zero-initialised (``init_scale=0.``) layers."""
+        if self.conv_in.weight.is_meta:  # built for its shapes only: no values to set
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear) and m.weight.any():
                 nn.init.xavier_uniform_(m.weight)
@@ -204,6 +242,12 @@ class NCSNpp(nn.Module):
 
     def _skip_sum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a + b) * SKIP_SCALE if self.skip_rescale else a + b
+
+    def _downsample(self, x: torch.Tensor) -> torch.Tensor:
+        return fir_downsample_2d(x, self.kernel) if self.fir else naive_downsample_2d(x)
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        return fir_upsample_2d(x, self.kernel) if self.fir else naive_upsample_2d(x)
 
     def forward(self, x: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
         """Return the raw network output, shaped like ``x`` (``out_channels`` channels)."""
@@ -228,19 +272,26 @@ class NCSNpp(nn.Module):
                 if self.progressive_input == "residual":
                     pyramid = self._skip_sum(self.pyramid_down[level](pyramid), h)
                     h = pyramid
+                elif self.progressive_input == "input_skip":
+                    pyramid = self._downsample(pyramid)
+                    h = self.pyramid_combine[level](pyramid) + h
                 hs.append(h)
 
         h = self.mid[0](hs[-1], temb)
         h = self.mid[1](h)
         h = self.mid[2](h, temb)
 
-        blocks = iter(self.up_blocks)
+        blocks, out = iter(self.up_blocks), None
         for level in range(len(self.up_attn)):
             for _ in range(self.num_res_blocks + 1):
                 h = next(blocks)(torch.cat([h, hs.pop()], dim=1), temb)
             h = self.up_attn[level](h)
+            if self.progressive == "output_skip":
+                head = self.pyramid_out[level](h)
+                out = head if out is None else self._upsample(out) + head
             if level < len(self.upsamplers):
                 h = self.upsamplers[level](h, temb)
 
-        h = self.conv_out(F.silu(self.norm_out(h)))
-        return h[..., lo : lo + self.image_size, lo : lo + self.image_size]
+        if out is None:
+            out = self.conv_out(F.silu(self.norm_out(h)))
+        return out[..., lo : lo + self.image_size, lo : lo + self.image_size]

@@ -40,11 +40,15 @@ SKIP_SCALE = 1.0 / math.sqrt(2.0)
 
 def fir_kernel_2d(kernel: Sequence[float]) -> torch.Tensor:
     """The 2-D FIR kernel: outer product of the 1-D ``kernel`` with itself, normalised to sum 1."""
-    k = torch.as_tensor([float(v) for v in kernel], dtype=torch.float32)
-    if k.ndim != 1 or k.numel() < 1 or not k.sum() > 0:
+    try:
+        values = [float(v) for v in kernel]
+    except (TypeError, ValueError):
+        values = []
+    if not values or not sum(values) > 0:  # checked in Python: also under torch.device("meta")
         raise NetworkConfigError(
             f"fir_kernel must be a non-empty 1-D list with a positive sum, got {kernel}"
         )
+    k = torch.tensor(values, dtype=torch.float32)
     k2 = torch.outer(k, k)
     return k2 / k2.sum()
 

@@ -29,7 +29,7 @@ TINY = dict(base_channels=8, num_res_blocks=1, attn_resolutions=(), dropout=0.0)
 PAPER_COUNTS = {
     "ncsnpp_cifar10": (3, 32, 62_758_787),
     "ddpmpp_cifar10": (3, 32, 61_804_419),
-    "ncsnpp_celeba": (3, 64, 43_596_547),
+    "ncsnpp_celeba": (3, 64, 42_589_199),
 }
 
 
@@ -256,7 +256,9 @@ def test_invalid_arguments_raise_one_clear_error() -> None:
     with pytest.raises(NetworkConfigError, match="resblock"):
         NCSNpp(1, 8, channel_mult=(1, 2), resblock="ddpm", **TINY)
     with pytest.raises(NetworkConfigError, match="progressive_input"):
-        NCSNpp(1, 8, channel_mult=(1, 2), progressive_input="input_skip", **TINY)
+        NCSNpp(1, 8, channel_mult=(1, 2), progressive_input="output_skip", **TINY)
+    with pytest.raises(NetworkConfigError, match="progressive must"):
+        NCSNpp(1, 8, channel_mult=(1, 2), progressive="residual", **TINY)
     with pytest.raises(NetworkConfigError, match="attn_resolutions"):
         NCSNpp(1, 8, channel_mult=(1, 2), **{**TINY, "attn_resolutions": (16,)})
     with pytest.raises(NetworkConfigError, match="embedding"):
@@ -266,3 +268,37 @@ def test_invalid_arguments_raise_one_clear_error() -> None:
     net = NCSNpp(1, 8, channel_mult=(1, 2), **TINY)
     with pytest.raises(ValueError, match="built for"):
         net(torch.randn(1, 1, 16, 16), torch.ones(1))
+
+
+@pytest.mark.parametrize("fir", [True, False])
+def test_the_skip_pyramids_start_at_zero_and_train_every_parameter(fir: bool) -> None:
+    """progressive_input="input_skip", progressive="output_skip" (the CelebA-HQ config), with
+    FIR or with average pooling / nearest upsampling."""
+    torch.manual_seed(0)
+    net = NCSNpp(1, 16, channel_mult=(1, 2, 2), fir=fir, progressive_input="input_skip",
+                 progressive="output_skip", **TINY)  # fmt: skip
+    assert not hasattr(net, "conv_out") and len(net.pyramid_out) == 3
+    assert len(net.pyramid_combine) == 2
+    x, sigma = torch.randn(2, 1, 16, 16), torch.tensor([0.05, 20.0])
+    assert net(x, sigma).abs().max() == 0  # every output head starts at zero
+    perturb_zero_params(net)
+    net(x, sigma).pow(2).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_the_output_pyramid_upsamples_the_coarser_heads() -> None:
+    """Without FIR, with only the coarsest head (4x4 of a 16x16 image) non-zero, the output is
+    that head's map repeated over 4x4 blocks (nearest upsampling, twice)."""
+    torch.manual_seed(1)
+    net = NCSNpp(1, 16, channel_mult=(1, 2, 2), fir=False, progressive_input="input_skip",
+                 progressive="output_skip", **TINY)  # fmt: skip
+    perturb_zero_params(net)
+    with torch.no_grad():
+        for head in net.pyramid_out[1:]:
+            head[2].weight.zero_()
+            head[2].bias.zero_()
+    out = net(torch.randn(2, 1, 16, 16), torch.tensor([0.3, 3.0]))
+    coarse = out[..., ::4, ::4]
+    assert coarse.abs().min() > 0
+    torch.testing.assert_close(out, coarse.repeat_interleave(4, -2).repeat_interleave(4, -1))

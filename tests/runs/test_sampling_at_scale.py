@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import cli
+from hypothesis import given
+from hypothesis import strategies as st
 
 from diffusion_lab import sample
 from diffusion_lab.methods.base import DiffusionMethod
@@ -121,3 +123,18 @@ def test_the_final_samples_are_drawn_on_the_training_device(tmp_path):
     assert seen == [torch.device("meta")]
     assert results == {"nfe": 3.0, "num_samples": 4.0}
     assert torch.equal(torch.load(tmp_path / "samples.pt"), torch.full((4, 1, 8, 8), 0.5))
+
+
+@given(
+    saved=st.lists(st.sampled_from(["sampler=pc", "sampler.snr=0.17", "+sampler.x=1", "seed=3",
+                                    "process=ve", "samplers=2", "~sampler.eps"])),
+    new=st.lists(st.sampled_from(["sampler=heun", "sampler.steps=4", "seed=5"])),
+)  # fmt: skip
+def test_a_new_sampler_replaces_the_recorded_one_with_its_settings(saved, new):
+    merged = sample.run_overrides(saved, new)
+    assert merged[len(merged) - len(new) :] == new
+    kept = merged[: len(merged) - len(new)]
+    if "sampler=heun" in new:
+        assert kept == [o for o in saved if o in ("seed=3", "process=ve", "samplers=2")]
+    else:
+        assert kept == saved
