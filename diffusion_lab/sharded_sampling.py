@@ -14,10 +14,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.gathering import gather_on_rank_zero
 from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.stops import loop_interrupts_named
 
@@ -83,16 +83,6 @@ class BatchDrawer(L.LightningModule):
         number = int(batch)
         samples, nfe = self.method.draw(self.batches[number], self.sample_shape)
         return number, samples.cpu(), nfe
-
-
-def gather_on_rank_zero(drawn: list[Drawn]) -> list[Drawn] | None:
-    """Every rank's batches on rank 0 (None on the other ranks); one process keeps its own."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return drawn
-    rank = dist.get_rank()
-    shards = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(drawn, shards, dst=0)
-    return [item for shard in shards for item in shard] if rank == 0 else None
 
 
 def draw_on_devices(

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from diffusion_lab.config_types import NonNegativeInt, PositiveInt, Probability
+from diffusion_lab.gathering import distributed, gather_on_rank_zero
 from diffusion_lab.methods.training import TrainingModule
 from diffusion_lab.metrics import image_quality
 from diffusion_lab.metrics.evaluator import check_samples_finite
@@ -162,14 +163,20 @@ class DiffusionMethod(TrainingModule):
         (``NonFiniteSamplesError``: FID's solver crashes on them), with the step."""
         if self.num_eval_samples == 0 or self.trainer.sanity_checking:
             return
-        samples, nfe = self.generate(self.num_eval_samples)
-        check_samples_finite(
-            samples,
-            f"samples drawn at the validation of step {self.global_step}",
-            "the weights have diverged though the loss is finite, or the sampler is unstable: "
-            "lower the learning rate (optimizer.lr) or change the sampler, and resume from the "
-            "last good checkpoint with ckpt_path=last",
-        )
+        drawn = self.generate_across_ranks(self.num_eval_samples)
+        what = f"samples drawn at the validation of step {self.global_step}"
+        finite = drawn is None or bool(torch.isfinite(drawn[0]).all())
+        if not self.trainer.strategy.broadcast(finite, src=0):  # every rank stops together
+            check_samples_finite(
+                drawn[0] if drawn is not None else torch.tensor([float("nan")]),
+                what if drawn is not None else f"(rank 0's) {what}",
+                "the weights have diverged though the loss is finite, or the sampler is "
+                "unstable: lower the learning rate (optimizer.lr) or change the sampler, and "
+                "resume from the last good checkpoint with ckpt_path=last",
+            )
+        if drawn is None:  # another rank's: rank 0 scores them
+            return
+        samples, nfe = drawn
         self.last_samples, self.last_nfe = samples, nfe
         self.log("sample/nfe", float(nfe), rank_zero_only=True)
         for name, value in self.sample_metrics(samples).items():
@@ -235,6 +242,25 @@ class DiffusionMethod(TrainingModule):
             for batch in self.sample_batches(num_samples, batch_size)
         ]
         return torch.cat([samples for samples, _ in drawn]), max(nfe for _, nfe in drawn)
+
+
+    def generate_across_ranks(self, num_samples: int) -> tuple[torch.Tensor, int] | None:
+        """:meth:`generate` with the batches shared out over the DDP ranks (rank r of K draws
+        batches r, r + K, ...): rank 0 returns all ``num_samples`` (the samples one process
+        draws), the other ranks None; one process draws them all."""
+        shape = tuple(self.trainer.datamodule.data_shape)
+        batches = self.sample_batches(num_samples)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = []
+        for number in range(rank, len(batches), world):
+            samples, nfe = self.draw(batches[number], shape)
+            mine.append((number, samples.cpu() if distributed() else samples, nfe))
+        gathered = gather_on_rank_zero(mine)
+        if gathered is None:
+            return None
+        gathered.sort(key=lambda item: item[0])
+        samples = torch.cat([samples for _, samples, _ in gathered]).to(self.device)
+        return samples, max(nfe for _, _, nfe in gathered)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -2,9 +2,16 @@
 samples give the same images; the batches cover 0..N-1 in order, aligned where a method asks."""
 
 import functools
+import os
+import socket
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+from helpers import cli
 
 from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.networks.unet import UNet
@@ -64,3 +71,43 @@ def test_batches_are_a_multiple_of_the_alignment():
                         VPSDE(), None, sampler, None, "eps", (0.0, 1.0), (-1.0, 1.0))  # fmt: skip
     assert method.sample_batches(8, 1) == [range(0, 3), range(3, 6), range(6, 8)]
     assert method.sample_batches(8, 4) == [range(0, 6), range(6, 8)]
+
+
+def validation_worker() -> None:
+    """One DDP rank (gloo, from RANK / WORLD_SIZE / MASTER_*): the validation samples of
+    ``generate_across_ranks`` and the sample numbers this rank drew, saved to $OUT/rank{r}.pt."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    method = image_method(functools.partial(ancestral, steps=3, progress=False),
+                          sample_batch_size=2)  # fmt: skip
+    method._trainer = SimpleNamespace(
+        world_size=world, global_rank=rank, datamodule=SimpleNamespace(data_shape=SHAPE)
+    )
+    drawn, draw = [], method.draw
+    method.draw = lambda indices, shape: (drawn.append(list(indices)), draw(indices, shape))[1]
+    result = method.generate_across_ranks(N)
+    torch.save({"result": result, "drawn": drawn}, Path(os.environ["OUT"]) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_validation_samples_are_shared_out_over_ranks_and_gathered_on_rank_zero(tmp_path):
+    """Every rank drew all validation samples (the same ones); now rank r of 2 draws batches
+    r, r + 2, ... and rank 0 holds the N samples one process draws."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    here = Path(__file__).parent
+    code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; "
+            "import test_sample_batches as t; t.validation_worker()")  # fmt: skip
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OUT": str(tmp_path)}  # fmt: skip
+    ranks = [cli.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}) for r in (0, 1)]
+    assert [rank.wait(timeout=300) for rank in ranks] == [0, 0]
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert zero["drawn"] == [[0, 1], [4, 5]] and one["drawn"] == [[2, 3], [6]]
+    assert one["result"] is None
+    samples, nfe = zero["result"]
+    method = image_method(functools.partial(ancestral, steps=3, progress=False))
+    single, single_nfe = method.generate(N, SHAPE, batch_size=2)
+    torch.testing.assert_close(samples, single, rtol=0, atol=1e-5)
+    assert nfe == single_nfe == 3
