@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class MetricCurves(L.Callback):
@@ -20,19 +21,30 @@ class MetricCurves(L.Callback):
         self.dirpath = Path(dirpath)
         self.train_every_n_steps = train_every_n_steps
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        # (step, loss tensor) not yet read back: reading each at once waited for the device
+        self.pending_losses: list[tuple[int, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (
             trainer.global_step % self.train_every_n_steps == 0
             and "train/loss" in trainer.callback_metrics
         ):
-            self.history["train/loss"].append(
-                (trainer.global_step, float(trainer.callback_metrics["train/loss"]))
-            )
+            loss = trainer.callback_metrics["train/loss"].detach()
+            self.pending_losses.append((trainer.global_step, loss))
+
+    def read_pending_losses(self) -> None:
+        """Move the kept training losses into the history: one read-back for all of them."""
+        if not self.pending_losses:
+            return
+        steps = [step for step, _ in self.pending_losses]
+        values = torch.stack([loss.float() for _, loss in self.pending_losses]).tolist()
+        self.history["train/loss"].extend(zip(steps, values, strict=True))
+        self.pending_losses = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self.read_pending_losses()
         for name, value in trainer.callback_metrics.items():
             if name != "train/loss" and value.numel() == 1:
                 self.history[name].append((trainer.global_step, float(value)))
@@ -40,10 +52,12 @@ class MetricCurves(L.Callback):
             self.write()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.read_pending_losses()
         if trainer.is_global_zero:
             self.write()
 
     def state_dict(self) -> dict:
+        self.read_pending_losses()
         return {"history": {k: list(v) for k, v in self.history.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:

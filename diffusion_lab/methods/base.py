@@ -160,7 +160,9 @@ class DiffusionMethod(TrainingModule):
         there used the raw weights: FID 8.06 against 3.21 in pytorch-ddpm#22), and the sample-grid and
         curve callbacks, which read ``last_samples`` and the metrics at the epoch end, saw the
         previous validation's. NaN or infinite samples stop the run before any metric
-        (``NonFiniteSamplesError``: FID's solver crashes on them), with the step."""
+        (``NonFiniteSamplesError``: FID's solver crashes on them), with the step; so does a
+        NaN loss since the last check (:meth:`stop_if_diverged`)."""
+        self.stop_if_diverged()
         if self.num_eval_samples == 0 or self.trainer.sanity_checking:
             return
         drawn = self.generate_across_ranks(self.num_eval_samples)
@@ -242,7 +244,6 @@ class DiffusionMethod(TrainingModule):
             for batch in self.sample_batches(num_samples, batch_size)
         ]
         return torch.cat([samples for samples, _ in drawn]), max(nfe for _, nfe in drawn)
-
 
     def generate_across_ranks(self, num_samples: int) -> tuple[torch.Tensor, int] | None:
         """:meth:`generate` with the batches shared out over the DDP ranks (rank r of K draws

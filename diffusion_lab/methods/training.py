@@ -47,6 +47,8 @@ class TrainingModule(L.LightningModule):
         self.model_range = tuple(model_range) if model_range is not None else None
         self.warmup_steps = warmup_steps
         self.configured_lrs: list[float] = []  # per param group, set by configure_optimizers
+        # (step, loss) of the first non-finite loss on the loss's device, step -1 while none
+        self._divergence: torch.Tensor | None = None
 
     def to_model_range(self, x: torch.Tensor) -> torch.Tensor:
         """Map data from ``data_range`` to ``model_range``."""
@@ -63,14 +65,37 @@ class TrainingModule(L.LightningModule):
         return ((x - mlo) / (mhi - mlo) * (hi - lo) + lo).clamp(lo, hi)
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop training on a NaN or infinite loss, naming the step (``run.py`` adds the path of
-        the last checkpoint, which only it knows)."""
-        if not torch.isfinite(loss):
+        """Note the first NaN or infinite loss (its step and value) on the loss's device, with
+        no host sync: every ``trainer.log_every_n_steps`` steps, before a checkpoint is written,
+        before validation samples are drawn and when training ends, :meth:`stop_if_diverged`
+        reads it (one sync) and stops the run naming that step. Reading it every step made the
+        host wait for the device at every step."""
+        loss = loss.detach().float()  # float32 holds every step number up to 2**24 exactly
+        if self._divergence is None or self._divergence.device != loss.device:
+            self._divergence = loss.new_tensor([-1.0, 0.0])
+        step = loss.new_full((), float(self.global_step))
+        first = ~torch.isfinite(loss) & (self._divergence[0] < 0)
+        self._divergence = torch.where(first, torch.stack([step, loss]), self._divergence)
+        trainer = self._trainer
+        if trainer is not None and (self.global_step + 1) % trainer.log_every_n_steps == 0:
+            self.stop_if_diverged()
+
+    def stop_if_diverged(self) -> None:
+        """Raise :class:`TrainingDivergedError` naming the first step whose loss was NaN or
+        infinite, if any (``run.py`` adds the path of the last checkpoint, which only it
+        knows)."""
+        if self._divergence is None:
+            return
+        step, value = self._divergence.tolist()
+        if step >= 0:
             raise TrainingDivergedError(
-                f"loss is {loss.item()} at step {self.global_step}: lower the learning rate "
+                f"loss is {value} at step {int(step)}: lower the learning rate "
                 "(optimizer.lr) or check the data; resume from the last good checkpoint with "
                 "ckpt_path=last and the lower optimizer.lr (a resumed run trains at its own)"
             )
+
+    def on_train_end(self) -> None:
+        self.stop_if_diverged()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         """Skip a batch past the end of the epoch (-1 ends the epoch), which Lightning 2.6 draws
@@ -89,7 +114,9 @@ class TrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the global RNG states (noise and time draws: the CPU generator's, and every
-        CUDA device's once CUDA is in use), so resuming is exact."""
+        CUDA device's once CUDA is in use), so resuming is exact. A diverged run stops here
+        instead: its weights are not written over the last good checkpoint."""
+        self.stop_if_diverged()
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         if torch.cuda.is_initialized():
             checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()

@@ -40,13 +40,17 @@ from diffusion_lab.samplers.grids import noise_ratio, sampling_times, time_of_ra
 from diffusion_lab.utils import batch_time
 
 
+def _alpha(process: SDE, t: float) -> float:
+    """alpha(t), computed on the host (float64): reading it back from the device made the host
+    wait for the device at every evaluation."""
+    return float(process.marginal_coefficients(torch.tensor([t], dtype=torch.float64))[0])
+
+
 def _derivative(
     score: CountingModel, process: SDE, x: torch.Tensor, t: float, ratio: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dx~/dr = (x~ - D) / r at x~ (Karras et al. eq. 3) and D, from one evaluation at time t."""
-    t_b = batch_time(t, x)
-    alpha = float(process.marginal_coefficients(t_b[:1])[0])
-    denoised = score.denoised(alpha * x, t_b)
+    denoised = score.denoised(_alpha(process, t) * x, batch_time(t, x))
     return (x - denoised) / ratio, denoised
 
 
@@ -77,7 +81,7 @@ def edm_sampler(
     times = sampling_times(process, steps, grid, spacing, rho, t_min)
     ratios = torch.cat([noise_ratio(process, times), torch.zeros(1)]).tolist()
     x = initial_state(process, x_or_shape, generator)
-    x = x / float(process.marginal_coefficients(times[:1])[0])
+    x = x / _alpha(process, float(times[0]))
     times_next = torch.cat([times, torch.zeros(1)])
     trajectory = [] if return_trajectory else None
     gamma_max = min(s_churn / len(times), math.sqrt(2) - 1)
@@ -94,8 +98,8 @@ def edm_sampler(
             d_next, _ = _derivative(score, process, x_next, float(times[i + 1]), r_next)
             x_next = x + (r_next - r_hat) * (d + d_next) / 2
         x = x_next
-        alpha_next = float(process.marginal_coefficients(times_next[i + 1 : i + 2])[0])
-        report(callback, trajectory, x=alpha_next * x, t=float(times_next[i + 1]), step=i,
+        t_next = float(times_next[i + 1])
+        report(callback, trajectory, x=_alpha(process, t_next) * x, t=t_next, step=i,
                denoised=denoised)  # fmt: skip
     return SampleResult(x, score.nfe, trajectory or [])
 

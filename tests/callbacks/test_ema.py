@@ -41,6 +41,7 @@ def test_an_update_of_the_ddpm_unet_makes_no_host_sync(monkeypatch):
     """The per-parameter update read ``int(num_averaged)`` once per parameter: 304 host syncs
     per step for the DDPM CIFAR-10 U-Net on a GPU. Now: none from the average itself."""
     from helpers import CONF
+    from helpers.syncs import count_host_syncs
 
     from diffusion_lab.build import compose_config, instantiate
 
@@ -48,15 +49,7 @@ def test_an_update_of_the_ddpm_unet_makes_no_host_sync(monkeypatch):
     network = instantiate(cfg.network)
     params = [p.detach() for p in network.parameters()]
     averaged = [p.clone() for p in params]
-    syncs = []
-    for name in ("item", "__int__", "__bool__", "__float__", "tolist", "cpu", "numpy"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            syncs.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    syncs = count_host_syncs(monkeypatch)
     WarmupEMA(decay=0.999)._average(averaged, params, torch.tensor(3))
     monkeypatch.undo()
     assert len(params) == 304 and syncs == []

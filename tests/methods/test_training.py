@@ -33,8 +33,10 @@ def test_range_maps_invert_each_other():
 def test_divergence_names_the_step_and_the_last_checkpoint(tmp_path):
     m = module()
     m.check_finite(torch.tensor(1.0))
+    m.stop_if_diverged()  # a finite loss: nothing to stop
     with pytest.raises(TrainingDivergedError) as caught, naming_last_checkpoint(tmp_path):
-        m.check_finite(torch.tensor(float("nan")))
+        m.check_finite(torch.tensor(float("nan")))  # noted on the device, read at the check
+        m.stop_if_diverged()
     message = str(caught.value)
     assert "at step 0" in message and "lower the learning rate" in message
     assert "ckpt_path=last" in message and "none written yet" in message
@@ -43,7 +45,7 @@ def test_divergence_names_the_step_and_the_last_checkpoint(tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(TrainingDivergedError, match="last good checkpoint: .*last.ckpt"):
         with naming_last_checkpoint(tmp_path):
-            m.check_finite(torch.tensor(float("inf")))
+            m.stop_if_diverged()
 
 
 def test_validation_samples_are_drawn_with_the_ema_weights(tmp_path):
@@ -77,7 +79,7 @@ def test_validation_samples_are_drawn_with_the_ema_weights(tmp_path):
         seen.append((network.out.weight.detach().clone(), raw[-1]))
         return torch.zeros(num_samples, 2), 0
 
-    method.generate = generate
+    method.generate_across_ranks = generate
     trainer = L.Trainer(
         max_steps=8, logger=False, enable_checkpointing=False, callbacks=[ema, RecordRaw()],
         num_sanity_val_steps=0, enable_progress_bar=False, default_root_dir=tmp_path,
@@ -269,3 +271,59 @@ def test_a_bfloat16_network_embeds_its_noise_level_in_float32():
         embedding.dtype_anchor.dtype == torch.bfloat16
         and "dtype_anchor" not in embedding.state_dict()
     )
+
+
+def _default_method():
+    """The default run's method (``python -m diffusion_lab.run``) and a batch of its data."""
+    from diffusion_lab.build import build_datamodule, build_method, compose_config
+    from diffusion_lab.run import config_dir
+
+    cfg = compose_config(config_dir(), [])
+    datamodule, _ = build_datamodule(cfg)
+    torch.manual_seed(0)
+    method = build_method(cfg, [])
+    return method, method.to_model_range(datamodule.tensors("train")[0][:8])
+
+
+def test_a_training_step_waits_for_the_device_once_per_log_interval(monkeypatch):
+    """The NaN check read the loss back every step (one host sync per step); the loss itself
+    and the check now make none but one every trainer.log_every_n_steps steps."""
+    from types import SimpleNamespace
+
+    from helpers.syncs import count_host_syncs
+
+    method, x = _default_method()
+    trainer = SimpleNamespace(log_every_n_steps=10, global_step=0)
+    method._trainer = trainer
+    syncs = count_host_syncs(monkeypatch)
+    per_step = []
+    for step in range(25):
+        trainer.global_step = step
+        before = len(syncs)
+        method.check_finite(method.batch_loss(x))
+        per_step.append(len(syncs) - before)
+    monkeypatch.undo()
+    assert per_step == [1 if step in (9, 19) else 0 for step in range(25)]
+
+
+def test_a_nan_loss_stops_the_run_naming_its_step_at_the_next_check():
+    from types import SimpleNamespace
+
+    from diffusion_lab.errors import TrainingDivergedError
+
+    method = toy_method()
+    trainer = SimpleNamespace(log_every_n_steps=10, global_step=0)
+    method._trainer = trainer
+    losses = [1.0] * 4 + [float("nan"), float("inf")] + [float("nan")] * 3
+    for step, loss in enumerate(losses):  # steps 0..8: no check yet
+        trainer.global_step = step
+        method.check_finite(torch.tensor(loss))
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 4: lower"):
+        method.on_save_checkpoint({})  # the weights are not written over the last good ones
+    trainer.global_step = 9
+    with pytest.raises(TrainingDivergedError, match="at step 4"):
+        method.check_finite(torch.tensor(float("nan")))
+    fresh = toy_method()
+    fresh._trainer = SimpleNamespace(log_every_n_steps=10, global_step=9)
+    fresh.check_finite(torch.tensor(2.0))  # a finite loss at a check passes
+    fresh.on_train_end()

@@ -231,3 +231,22 @@ def test_the_last_transition_into_ve_noisy_t0_keeps_its_noise(sampler, options):
         samples = run(score, process, x, steps=100, generator=generator, progress=False,
                       denoise=denoise, **options).samples  # fmt: skip
         assert abs(float(samples.std()) - expected) < 4 * expected / (2 * n) ** 0.5, denoise
+
+
+@pytest.mark.parametrize("sampler, process_name", [p for p in PAIRS if p[0] != "ode"])
+def test_no_sampler_reads_a_value_back_from_the_device(sampler, process_name):
+    """Sampling on the meta device (shapes without values: reading a value back raises, and so
+    does mixing in a tensor of another device), 8 steps: no host sync and no tensor made on the
+    wrong device anywhere in the loop. The EDM samplers read alpha(t) back from the device at
+    every model evaluation, and every sampler the final denoise's sigma once. (``ode`` runs its
+    solver on the host by design: scipy's solve_ivp.)"""
+    process = copy.deepcopy(built("process", process_name)).to("meta")
+    model = Recording(process)
+    x = torch.empty(64, 1, device="meta")
+    options = {k: v for k, v in GENEROUS[sampler].items() if k != "steps"}
+    options["steps"] = 8
+    if sampler == "annealed_langevin":
+        options["n_steps_each"] = 5
+    result = built("sampler", sampler)(model, process, x, progress=False, **options)
+    assert result.samples.device.type == "meta" and model.devices == {x.device}
+    assert model.calls > 0
