@@ -95,7 +95,22 @@ def wandb_mode() -> str:
     return "online" if wandb.login(prompt=False, verify=False) else "offline"
 
 
+def run_stamp() -> str:
+    """The run folder's name under ``outputs/``: the launch time (``%Y-%m-%d/%H-%M-%S``), or
+    inside a SLURM job step (``srun``) the step, ``slurm-<job>.<step>``: every task ``srun``
+    starts composes its own config, and the clock could give each its own folder; a requeued
+    job runs its steps again under the same names, so it finds its checkpoints."""
+    import os
+    from datetime import datetime
+
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+    if job and step:
+        return f"slurm-{job}.{step}"
+    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
 OmegaConf.register_new_resolver("wandb_mode", wandb_mode, replace=True)
+OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 
 
 def config_dir() -> str:

@@ -1,10 +1,12 @@
 """Which process of a distributed run died: gloo and NCCL only tell the survivors that a
-connection closed, so every rank leaves its process id in the run folder and the survivors
-look up which of them is gone."""
+connection closed, so every rank leaves its process id and host name in the run folder and the
+survivors look up which of them is gone. A process id means something only on its own host:
+the ranks of other nodes are not judged (their pid could be a live process here, or none)."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +31,8 @@ class RankRegistry(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
             self._path(trainer).parent.mkdir(parents=True, exist_ok=True)
-            self._path(trainer).write_text(f"{os.getpid()} {trainer.world_size}\n")
+            line = f"{os.getpid()} {trainer.world_size} {socket.gethostname()}\n"
+            self._path(trainer).write_text(line)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._path(trainer).unlink(missing_ok=True)
@@ -48,10 +51,13 @@ def process_alive(pid: int) -> bool:
 
 
 def dead_ranks(dirpath: str | Path) -> list[tuple[int, int, int]]:
-    """(rank, world size, pid) of every rank of this launch whose process is gone."""
-    dead = []
+    """(rank, world size, pid) of every rank of this launch on this host whose process is
+    gone (ranks on other hosts are not judged)."""
+    dead, here = [], socket.gethostname()
     for path in sorted(launch_folder(dirpath).glob("*.pid")):
-        pid, world_size = (int(v) for v in path.read_text().split())
-        if pid != os.getpid() and not process_alive(pid):
-            dead.append((int(path.stem), world_size, pid))
+        pid, world_size, host = path.read_text().split(maxsplit=2)
+        if host.strip() != here:
+            continue
+        if int(pid) != os.getpid() and not process_alive(int(pid)):
+            dead.append((int(path.stem), int(world_size), int(pid)))
     return dead

@@ -198,3 +198,22 @@ def test_a_gpu_run_trains_samples_there_and_keeps_its_cuda_noise_stream(tmp_path
     )  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert json.loads(sampled.stdout)["num_samples"] == 4
+
+
+def test_every_task_of_one_srun_step_writes_to_one_folder(tmp_path, monkeypatch):
+    """Inside a SLURM job step (``srun``: SLURM_JOB_ID and SLURM_STEP_ID set) the default run
+    folder is outputs/slurm-<job>.<step>, the same for every task srun starts (each composes
+    its own config, and the clock named the folder: tasks a second apart got two); outside
+    srun it is the launch time."""
+    from diffusion_lab.run import run_stamp
+
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "3"}
+    done = cli.run([sys.executable, "-m", "diffusion_lab.run", *TINY, "trainer.max_steps=2"],
+                   capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["slurm-4242.3"]
+    assert (tmp_path / "outputs" / "slurm-4242.3" / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)  # salloc's shell: no step
+    day, time_of_day = run_stamp().split("/")
+    assert len(day) == len("2026-12-04") and len(time_of_day) == len("19-02-50")
