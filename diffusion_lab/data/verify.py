@@ -13,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from diffusion_lab.cache import cache_dir, write_atomic
 from diffusion_lab.errors import DataError
+from diffusion_lab.gathering import distributed
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,26 @@ def _file_key(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _check(
+    indices: Sequence[int],
+    paths: Sequence[Path],
+    keys: Sequence[list[int]],
+    read: Callable[[Path], object],
+    progress: bool,
+) -> dict[str, list]:
+    """Decode ``paths[i]`` for each i: path -> [size, mtime_ns, error or None]."""
+    checked = {}
+    for i in tqdm(indices, desc="checking image files", unit="file", mininterval=1.0,
+                  disable=not progress or not indices):  # fmt: skip
+        try:
+            read(paths[i])
+            error = None
+        except DataError as err:
+            error = str(err)
+        checked[str(paths[i])] = keys[i] + [error]
+    return checked
+
+
 def readable_files(
     paths: Sequence[Path],
     read: Callable[[Path], object],
@@ -79,25 +102,31 @@ def readable_files(
     """Indices of the ``paths`` that ``read`` decodes (it raises DataError otherwise).
 
     Files whose size and mtime match the cached index of ``root`` are not read again; the others
-    are read with a progress bar and the index updated. Unreadable files are handled by
-    :func:`report_bad_files`.
+    are read with a progress bar and the index updated. Under DDP the ranks share the reading
+    out (rank r of K reads every K-th file: every rank read every file, 52 minutes each for
+    ImageNet's 1.33M at 2.4 ms a file) and exchange the outcomes. Unreadable files are handled
+    by :func:`report_bad_files`.
     """
     index_file = index_path(root)
     index = _load_index(index_file)
     keys = [_file_key(p) for p in paths]
     todo = [i for i, (p, k) in enumerate(zip(paths, keys)) if index.get(str(p), [])[:2] != k]
-    if todo:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    if todo and rank == 0:
         log.info(
-            "checking that %d image files under %s decode (once; the result is cached in %s)",
-            len(todo), root, index_file,
+            "checking that %d image files under %s decode (once, shared out over %d process%s; "
+            "the result is cached in %s)",
+            len(todo), root, world, "es" if world > 1 else "", index_file,
         )  # fmt: skip
-        for i in tqdm(todo, desc="checking image files", unit="file", mininterval=1.0):
-            try:
-                read(paths[i])
-                error = None
-            except DataError as err:
-                error = str(err)
-            index[str(paths[i])] = keys[i] + [error]
+    checked = _check(todo[rank::world], paths, keys, read, progress=rank == 0)
+    if world > 1:  # every rank takes part, even with nothing to check (its cache was warm)
+        shards: list[dict[str, list]] = [{} for _ in range(world)]
+        dist.all_gather_object(shards, checked)
+        checked = {path: entry for shard in shards for path, entry in shard.items()}
+    index.update(checked)
+    missed = [i for i in todo if str(paths[i]) not in index]  # another node's cache was warm
+    index.update(_check(missed, paths, keys, read, progress=False))
+    if todo and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one writer per node
         try:
             payload = json.dumps({"version": CHECK_VERSION, "files": index}).encode()
             write_atomic(index_file, lambda handle: handle.write(payload))

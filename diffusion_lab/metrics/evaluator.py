@@ -28,6 +28,8 @@ METRICS = (
     "ssim", "global_ssim", "psnr", "mse",
 )  # fmt: skip
 PAIRED = ("ssim", "global_ssim", "psnr", "mse")
+#: Metrics of the samples alone (no reference images decoded for them).
+UNREFERENCED = ("class_coverage",)
 
 
 class NonFiniteSamplesError(TrainingDivergedError):
@@ -64,6 +66,7 @@ class SampleEvaluator:
         self.num_reference = num_reference
         self.seed = seed
         self.inception_weights = inception_weights
+        self.unavailable: set[str] = set()  # metrics that could not run (e.g. no Inception)
         self.prepare(self.metrics)
 
     @staticmethod
@@ -79,13 +82,17 @@ class SampleEvaluator:
         check_samples_finite(
             samples, "samples", "draw them again (python -m diffusion_lab.sample RUN_DIR)"
         )
-        paired = any(m in self.metrics for m in PAIRED)
-        count = len(samples) if paired else self.num_reference
-        reference = datamodule.reference_samples(count).float().cpu()
-        if paired:
-            reference = nearest_images(samples, reference)
-        results = {"num_reference": float(len(reference))}
-        for name in self.metrics:
+        metrics = [m for m in self.metrics if m not in self.unavailable]
+        results: dict[str, float] = {}
+        reference = None
+        if any(m not in UNREFERENCED for m in metrics):
+            paired = any(m in metrics for m in PAIRED)
+            count = len(samples) if paired else self.num_reference
+            reference = datamodule.reference_samples(count).float().cpu()
+            if paired:
+                reference = nearest_images(samples, reference)
+            results["num_reference"] = float(len(reference))
+        for name in metrics:
             results.update(self.score(name, samples, reference))
         return results
 
@@ -110,7 +117,8 @@ class SampleEvaluator:
         try:
             result = compute(samples, reference, feature=feature, weights_path=weights, **kwargs)
         except DiffusionLabError as exc:
-            warnings.warn(f"{name} skipped: {exc}", stacklevel=2)
+            self.unavailable.add(name)  # not tried again: no reference loaded for it again
+            warnings.warn(f"{name} skipped for this run: {exc}", stacklevel=2)
             return {}
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 
