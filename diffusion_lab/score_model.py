@@ -80,9 +80,14 @@ class ScoreModel(nn.Module):
     """
 
     def __init__(
-        self, network: nn.Module, process: ForwardProcess, parameterization: str = "eps"
+        self,
+        network: nn.Module,
+        process: ForwardProcess,
+        parameterization: str = "eps",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         if parameterization not in OUTPUT_KINDS:
             raise ConfigError(
                 f"unknown parameterization {parameterization!r}: use one of {PARAMETERIZATIONS}"
@@ -116,7 +121,10 @@ class ScoreModel(nn.Module):
         label = self.label(t)
         label = label.to(x.dtype) if label.is_floating_point() else label
         # the network in its own dtype (bf16-true, 64-true), the process's arithmetic in x's
-        out = self.network(x.to(self.network_dtype), label)
+        inputs = x.to(self.network_dtype)
+        if self.channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        out = self.network(inputs, label)
         return out.to(x.dtype), sigma, t
 
     @property

@@ -46,7 +46,9 @@ class DiffusionMethod(TrainingModule):
     (``sample_seed``, i), so that neither the batch size nor the number of devices that share
     the batches (``diffusion_lab.sample --devices``) changes them (:meth:`generate`).
     ``compile`` compiles the network with ``torch.compile`` (``nn.Module.compile``: in place, so
-    the weights, the EMA copy and the checkpoint keys stay those of the eager network).
+    the weights, the EMA copy and the checkpoint keys stay those of the eager network);
+    ``channels_last`` stores its 4-D weights and feeds it images in NHWC memory order (the same
+    values and keys: a memory layout that GPU convolutions run faster in, under bf16 above all).
     """
 
     def __init__(
@@ -68,11 +70,14 @@ class DiffusionMethod(TrainingModule):
         evaluator: Evaluator | None = None,
         run_config: dict | None = None,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, data_range, model_range, warmup_steps, run_config)
+        if channels_last:
+            network.to(memory_format=torch.channels_last)
         if compile:
             network.compile()
-        self.model = ScoreModel(network, process, parameterization)
+        self.model = ScoreModel(network, process, parameterization, channels_last)
         self.process = process
         self.loss_fn = loss
         self.sampler = sampler

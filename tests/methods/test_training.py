@@ -179,13 +179,13 @@ def test_checkpoints_keep_the_cuda_noise_streams(monkeypatch):
     assert restored == []
 
 
-def _loss_and_gradients(overrides: list[str], compiled: bool):
+def _loss_and_gradients(overrides: list[str]):
     """A method built from the config (same seed: same weights), its loss on one seeded batch,
     and the gradients."""
     from diffusion_lab.build import build_datamodule, build_method, compose_config
     from diffusion_lab.run import config_dir
 
-    cfg = compose_config(config_dir(), [*overrides, f"method.compile={compiled}"])
+    cfg = compose_config(config_dir(), overrides)
     datamodule, _ = build_datamodule(cfg)
     torch.manual_seed(0)
     method = build_method(cfg, [])
@@ -205,11 +205,31 @@ def _loss_and_gradients(overrides: list[str], compiled: bool):
 def test_a_compiled_network_gives_the_eager_loss_and_gradients(overrides):
     """``method.compile=true``: torch.compile (inductor, on this CPU) of the network gives the
     eager network's loss and gradients to float tolerance, with the same checkpoint keys."""
-    eager, eager_loss, eager_grads = _loss_and_gradients(overrides, compiled=False)
-    compiled, loss, grads = _loss_and_gradients(overrides, compiled=True)
+    eager, eager_loss, eager_grads = _loss_and_gradients(overrides)
+    compiled, loss, grads = _loss_and_gradients([*overrides, "method.compile=true"])
     assert compiled.model.network._compiled_call_impl is not None  # it was compiled
     assert eager.model.network._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
+    for grad, eager_grad in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["network.base_channels=8"],
+     ["+experiment=sde_ve_cifar10", "data=digits", "network=ncsnpp_small"]],
+    ids=["the default run's U-Net", "NCSN++"],
+)  # fmt: skip
+def test_channels_last_gives_the_same_loss_and_gradients(overrides):
+    """``method.channels_last=true``: NHWC weights and inputs, the same values: the loss and
+    gradients of the contiguous network to float tolerance, the same checkpoint keys."""
+    eager, eager_loss, eager_grads = _loss_and_gradients(overrides)
+    nhwc, loss, grads = _loss_and_gradients([*overrides, "method.channels_last=true"])
+    convs = [p for p in nhwc.model.network.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # the layout did change
+    assert list(nhwc.state_dict()) == list(eager.state_dict())
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
     for grad, eager_grad in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
