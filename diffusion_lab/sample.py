@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--npz needs images, and this run draws points of shape {shape}")
         drawn = draw_on_devices(
             method, args.num_samples, shape, args.batch_size, accelerator, args.devices,
-            args.run_dir,
+            args.run_dir, str(cfg.trainer.get("precision", "32-true")),
         )  # fmt: skip
         if drawn is None:  # another rank's: rank 0 writes
             return

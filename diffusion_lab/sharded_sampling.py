@@ -93,17 +93,20 @@ def draw_on_devices(
     accelerator: str,
     devices: int,
     root_dir: Path,
+    precision: str = "32-true",
 ) -> tuple[torch.Tensor, int] | None:
     """``num_samples`` samples of ``method`` in batches of ``batch_size`` (its
     ``sample_batch_size`` when None) on ``devices`` of ``accelerator`` (``check_devices``'
     answer); returns (samples in data range, the most NFE a batch took) on rank 0, None on the
     other ranks. With ``devices`` > 1 Lightning starts the other ranks (DDP: gloo on CPUs, NCCL
-    on GPUs) by running this command again."""
+    on GPUs) by running this command again. ``precision``: the run's, when it is a ``-mixed``
+    one (the batches drawn under its autocast); any other draws as the weights are."""
     batches = method.sample_batches(num_samples, batch_size)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
+        precision=precision if precision.endswith("-mixed") else None,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

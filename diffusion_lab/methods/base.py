@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from diffusion_lab.config_types import NonNegativeInt, PositiveInt, Probability
@@ -224,11 +226,22 @@ class DiffusionMethod(TrainingModule):
             x_init = x_init.double()
         was_training = self.training
         self.eval()
-        result = self.sampler(
-            self.model, self.process, x_init, generator=streams, **sampler_options
-        )
+        with self.autocast():
+            result = self.sampler(
+                self.model, self.process, x_init, generator=streams, **sampler_options
+            )
         self.train(was_training)
         return self.to_data_range(result.samples), result.nfe
+
+    def autocast(self) -> AbstractContextManager:
+        """The trainer's autocast under ``bf16-mixed`` / ``16-mixed``, which Lightning applies
+        around its own steps only: validation and final samples, drawn in hooks, ran in
+        float32. Any other precision: nothing (``bf16-true`` / ``64-true`` weights already are
+        in their dtype)."""
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision):
+            return trainer.precision_plugin.forward_context()
+        return nullcontext()
 
     def generate(
         self,

@@ -111,3 +111,28 @@ def test_validation_samples_are_shared_out_over_ranks_and_gathered_on_rank_zero(
     single, single_nfe = method.generate(N, SHAPE, batch_size=2)
     torch.testing.assert_close(samples, single, rtol=0, atol=1e-5)
     assert nfe == single_nfe == 3
+
+
+def test_samples_are_drawn_under_the_runs_autocast(tmp_path):
+    """Under trainer.precision=bf16-mixed Lightning autocasts its steps only: validation and
+    final samples (drawn in hooks) and `sample`'s batches ran in float32. Now the network runs
+    under the run's autocast there too, and under 32-true under none."""
+    import lightning as L
+
+    from diffusion_lab.sharded_sampling import draw_on_devices
+
+    method = image_method(functools.partial(ancestral, steps=2, progress=False))
+    seen: list[bool] = []
+    method.model.network.register_forward_pre_hook(
+        lambda module, args: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    for precision, autocast in (("bf16-mixed", True), ("32-true", False)):
+        seen.clear()
+        method._trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False,
+                                    enable_checkpointing=False)  # fmt: skip
+        method.draw(range(2), SHAPE)
+        assert seen == [autocast] * 2
+    method._trainer = None
+    seen.clear()
+    draw_on_devices(method, 2, SHAPE, None, "cpu", 1, tmp_path, precision="bf16-mixed")
+    assert seen == [True] * 2
