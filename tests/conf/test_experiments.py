@@ -19,28 +19,54 @@ def offline_overrides(name: str) -> list[str]:
     return overrides.split()
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_builds_offline_and_its_network_reads_its_data(name, tmp_path):
-    """Built from its offline line, the experiment's network maps two of its own training
-    examples (model range, t = 0.5) to a finite output as its model reads it: a score of the
-    data's shape (the noisy classifier: one logit per class)."""
+def built_offline(name: str, run_dir) -> tuple:
+    """The experiment's method and DataModule from its offline line, two of its training
+    examples (data range), and the process fitted to them where it needs fitting."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={name}", *offline_overrides(name)])
     with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)
+        cfg.run_dir = str(run_dir)
     datamodule, _ = build_datamodule(cfg)
     method = build_method(cfg, [])
     datamodule.setup("fit")
     train = datamodule.dataset("train")
     items = [train[i] for i in range(2)]
     x = torch.stack([item[0] if isinstance(item, (list, tuple)) else item for item in items])
-    assert tuple(x.shape[1:]) == tuple(datamodule.data_shape)
     if method.process.needs_fit:  # on two examples only (training fits on up to 10,000)
         method.process.fit(method.to_model_range(x))
+    return method, datamodule, x, [item[1] for item in items if isinstance(item, (list, tuple))]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_builds_offline_and_its_network_reads_its_data(name, tmp_path):
+    """Built from its offline line, the experiment's network maps two of its own training
+    examples (model range, t = 0.5) to a finite output as its model reads it: a score of the
+    data's shape (the noisy classifier: one logit per class)."""
+    method, datamodule, x, _ = built_offline(name, tmp_path)
+    assert tuple(x.shape[1:]) == tuple(datamodule.data_shape)
     t = torch.full((2,), 0.5)
     out = method.model(method.to_model_range(x), t)
     expected = x.shape if name != "noisy_classifier_digits" else (2, 10)
     assert out.shape == expected and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_losses_read_no_value_back_from_the_device(name, tmp_path):
+    """The training loss of every experiment on the meta device (shapes without values:
+    reading one back raises, as does a tensor made on another device): its loss, process and
+    time draws make no host sync and create nothing off the batch's device."""
+    from diffusion_lab.methods.classifier import NoisyClassifierMethod
+    from diffusion_lab.methods.fp_embedding import ScoreEmbeddingMethod
+
+    method, _, x, second = built_offline(name, tmp_path)
+    method, x, second = method.to("meta"), x.to("meta"), torch.tensor(second, device="meta")
+    if isinstance(method, NoisyClassifierMethod):  # (images, labels): cross-entropy
+        loss, _ = method.noisy_loss((x, second))
+    elif isinstance(method, ScoreEmbeddingMethod):  # (images, image index): eq. 24
+        loss = method.images_loss(method.to_model_range(x), second, step=0)
+    else:
+        loss = method.batch_loss(method.to_model_range(x))
+    assert loss.device.type == "meta" and loss.ndim == 0
 
 
 def test_ddpm_cifar10_holds_the_paper_settings():
