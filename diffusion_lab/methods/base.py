@@ -238,10 +238,8 @@ class DiffusionMethod(TrainingModule):
         around its own steps only: validation and final samples, drawn in hooks, ran in
         float32. Any other precision: nothing (``bf16-true`` / ``64-true`` weights already are
         in their dtype)."""
-        trainer = self._trainer
-        if trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision):
-            return trainer.precision_plugin.forward_context()
-        return nullcontext()
+        plugin = getattr(self._trainer, "precision_plugin", None)
+        return plugin.forward_context() if isinstance(plugin, MixedPrecision) else nullcontext()
 
     def generate(
         self,
