@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,8 +13,27 @@ from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.utils import append_dims, batch_time
 
-# (output, x, sigma) -> the quantity; sigma broadcast against x.
-Reading = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class Marginal:
+    """The marginal x_t = alpha(t) x_0 + sigma(t) z at a batch's times, each coefficient
+    broadcast against the batch x and in its dtype: what a parameterisation reads its output
+    with. ``alpha`` is computed when a reading first asks for it, so that processes without a
+    scalar mean (Soft Diffusion's blur, where the mean is an operator on x_0) serve every
+    output that needs only sigma; an output that reads alpha says so (``needs_alpha``) and is
+    refused on them when the model is built."""
+
+    def __init__(self, process: ForwardProcess, t: torch.Tensor, x: torch.Tensor) -> None:
+        self.process, self.t, self.x = process, t, x
+        self.sigma = append_dims(process.std(t), x.ndim).to(x.dtype)
+
+    @functools.cached_property
+    def alpha(self) -> torch.Tensor:
+        alpha = self.process.marginal_coefficients(self.t)[0]  # type: ignore[attr-defined]
+        return append_dims(alpha, self.x.ndim).to(self.x.dtype)
+
+
+# (output, x, marginal) -> the quantity.
+Reading = Callable[[torch.Tensor, torch.Tensor, Marginal], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -30,6 +50,8 @@ class OutputKind:
     x0: Reading | None = None
     eps: Reading | None = None
     energy: Reading | None = None
+    #: Read with alpha(t) as well as sigma(t): needs a process with Gaussian marginals.
+    needs_alpha: bool = False
 
 
 def _scalar(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -43,28 +65,36 @@ def _scalar(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[0])
 
 
-#: What a network's output means (the ``parameterization`` of a method):
-#:   eps: the noise z of x_t = alpha x_0 + sigma z (DDPM, Ho et al. eq. 14); score = -eps / sigma
-#:     (Khungurn sec. 7.1.2).
+#: What a network's output means (the ``parameterization`` of a method), read with the marginal m
+#: of x_t = alpha x_0 + sigma z (m.alpha, m.sigma):
+#:   eps: the noise z (DDPM, Ho et al. eq. 14); score = -eps / sigma (Khungurn sec. 7.1.2).
 #:   score: the score itself (NCSN, Khungurn sec. 5).
 #:   score_over_sigma: score = output / sigma (NCSNv2 Technique 3, Khungurn sec. 6.3).
 #:   x0: the clean image h(x_t, t) (Soft Diffusion, Daras et al. eq. 8).
 #:   x0_residual: the residual to it, h = phi(x_t, t) + x_t (Daras et al. eq. 10).
+#:   v: v = alpha z - sigma x_0 (Salimans & Ho 2022, sec. 4 and App. D), so that
+#:     x_0 = (alpha x - sigma v) / (alpha^2 + sigma^2) and z = (sigma x + alpha v) / (alpha^2 +
+#:     sigma^2): alpha x - sigma v and sigma x + alpha v on VP, where alpha^2 + sigma^2 = 1.
 #:   energy: an energy E(x, t), p_t(x) proportional to exp(-E) (Khungurn sec. 2, the energy-based
 #:     model); score = -grad_x E.
 #:   energy_over_sigma: E = output / sigma, so score = -grad_x output / sigma (NCSNv2's
 #:     s(x) / sigma, Technique 3, for an energy).
 OUTPUT_KINDS: dict[str, OutputKind] = {
-    "eps": OutputKind(score=lambda out, x, sigma: -out / sigma, eps=lambda out, x, sigma: out),
-    "score": OutputKind(score=lambda out, x, sigma: out),
+    "eps": OutputKind(score=lambda out, x, m: -out / m.sigma, eps=lambda out, x, m: out),
+    "score": OutputKind(score=lambda out, x, m: out),
     "score_over_sigma": OutputKind(
-        score=lambda out, x, sigma: out / sigma, eps=lambda out, x, sigma: -out
+        score=lambda out, x, m: out / m.sigma, eps=lambda out, x, m: -out
     ),
-    "x0": OutputKind(x0=lambda out, x, sigma: out),
-    "x0_residual": OutputKind(x0=lambda out, x, sigma: out + x),
-    "energy": OutputKind(energy=lambda out, x, sigma: _scalar(out, x)),
+    "x0": OutputKind(x0=lambda out, x, m: out),
+    "x0_residual": OutputKind(x0=lambda out, x, m: out + x),
+    "v": OutputKind(
+        x0=lambda out, x, m: (m.alpha * x - m.sigma * out) / (m.alpha**2 + m.sigma**2),
+        eps=lambda out, x, m: (m.sigma * x + m.alpha * out) / (m.alpha**2 + m.sigma**2),
+        needs_alpha=True,
+    ),
+    "energy": OutputKind(energy=lambda out, x, m: _scalar(out, x)),
     "energy_over_sigma": OutputKind(
-        energy=lambda out, x, sigma: _scalar(out, x) / sigma.reshape(x.shape[0])
+        energy=lambda out, x, m: _scalar(out, x) / m.sigma.reshape(x.shape[0])
     ),
 }
 PARAMETERIZATIONS = tuple(OUTPUT_KINDS)
@@ -96,6 +126,12 @@ class ScoreModel(nn.Module):
         self.process = process
         self.parameterization = parameterization
         self.kind = OUTPUT_KINDS[parameterization]
+        if self.kind.needs_alpha and not hasattr(process, "marginal_coefficients"):
+            raise ConfigError(
+                f"parameterization {parameterization!r} reads alpha(t), which "
+                f"{type(process).__name__} does not have (its mean is not alpha(t) x0): use "
+                "eps, score, x0 or x0_residual"
+            )
         levels = getattr(network, "num_levels", None)
         if self._per_level and levels != len(process.level_times()):
             raise ConfigError(
@@ -113,11 +149,11 @@ class ScoreModel(nn.Module):
             return self.process.level_index(t)
         return self.process.noise_label(t)
 
-    def _output_and_sigma(
+    def _output_and_marginal(
         self, x: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, Marginal, torch.Tensor]:
         t = batch_time(t, x)
-        sigma = append_dims(self.process.std(t), x.ndim).to(x.dtype)
+        marginal = Marginal(self.process, t, x)
         label = self.label(t)
         label = label.to(x.dtype) if label.is_floating_point() else label
         # the network in its own dtype (bf16-true, 64-true), the process's arithmetic in x's
@@ -125,7 +161,7 @@ class ScoreModel(nn.Module):
         if self.channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         out = self.network(inputs, label)
-        return out.to(x.dtype), sigma, t
+        return out.to(x.dtype), marginal, t
 
     @property
     def network_dtype(self) -> torch.dtype:
@@ -133,10 +169,12 @@ class ScoreModel(nn.Module):
         return next((p.dtype for p in self.network.parameters() if p.is_floating_point()),
                     torch.float32)  # fmt: skip
 
-    def _score(self, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor):
+    def _score(self, out: torch.Tensor, x: torch.Tensor, marginal: Marginal, t: torch.Tensor):
         if self.kind.score is not None:
-            return self.kind.score(out, x, sigma)
-        return self.process.score_from_denoised(x, t, self.kind.x0(out, x, sigma))
+            return self.kind.score(out, x, marginal)
+        if self.kind.eps is not None:  # score = -z / sigma
+            return -self.kind.eps(out, x, marginal) / marginal.sigma
+        return self.process.score_from_denoised(x, t, self.kind.x0(out, x, marginal))
 
     def energy(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """E_theta(x, t) per example (B,) of an energy parameterization: -log p_t(x) up to the
@@ -146,8 +184,8 @@ class ScoreModel(nn.Module):
                 f"parameterization {self.parameterization!r} has no energy: use energy or "
                 f"energy_over_sigma"
             )
-        out, sigma, _ = self._output_and_sigma(x, t)
-        return self.kind.energy(out, x, sigma)
+        out, marginal, _ = self._output_and_marginal(x, t)
+        return self.kind.energy(out, x, marginal)
 
     def _energy_score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """-grad_x E by autograd. Where the caller records gradients (a loss), the result keeps
@@ -167,22 +205,22 @@ class ScoreModel(nn.Module):
         """Estimated grad_x log p_t(x)."""
         if self.kind.energy is not None:
             return self._energy_score(x, t)
-        out, sigma, t = self._output_and_sigma(x, t)
-        return self._score(out, x, sigma, t)
+        out, marginal, t = self._output_and_marginal(x, t)
+        return self._score(out, x, marginal, t)
 
     def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Estimated clean image E[x_0 | x_t = x] (for score and energy outputs, Tweedie's
         formula ``process.denoise``, which needs a process with an invertible mean)."""
         if self.kind.x0 is None:
             return self.process.denoise(x, batch_time(t, x), self.score(x, t))
-        out, sigma, _ = self._output_and_sigma(x, t)
-        return self.kind.x0(out, x, sigma)
+        out, marginal, _ = self._output_and_marginal(x, t)
+        return self.kind.x0(out, x, marginal)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Estimated noise z = -sigma(t) score."""
         if self.kind.eps is not None:
-            out, sigma, _ = self._output_and_sigma(x, t)
-            return self.kind.eps(out, x, sigma)
+            out, marginal, _ = self._output_and_marginal(x, t)
+            return self.kind.eps(out, x, marginal)
         sigma = append_dims(self.process.std(batch_time(t, x)), x.ndim)
         return -sigma.to(x.dtype) * self.score(x, t)
 

@@ -100,7 +100,11 @@ def test_denoised_of_each_parameterisation_against_a_direct_computation(name):
         "score_over_sigma": (x + sigma * out) / alpha,
         "x0": out,
         "x0_residual": out + x,
+        # v = alpha z - sigma x0 (Salimans & Ho 2022): alpha x - sigma v on VP
+        "v": (alpha * x - sigma * out) / (alpha**2 + sigma**2),
     }
+    if name == "vp":
+        torch.testing.assert_close(expected["v"], alpha * x - sigma * out)
     # The model evaluates the schedule at float32 times (as in training): float32 tolerance.
     for parameterization, x0_hat in expected.items():
         model = ScoreModel(_Fixed(), process, parameterization)
@@ -109,6 +113,16 @@ def test_denoised_of_each_parameterisation_against_a_direct_computation(name):
         score = (alpha * x0_hat - x) / sigma**2
         torch.testing.assert_close(model.score(x, t), score, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.eps(x, t), -sigma * score, rtol=1e-5, atol=1e-5)
+
+
+def test_v_needs_a_process_with_gaussian_marginals():
+    """v is read with alpha(t): Soft Diffusion's blur has no scalar mean, so it is refused when
+    the model is built, in one line naming what to use instead."""
+    from diffusion_lab.errors import ConfigError
+    from diffusion_lab.processes.soft import SoftBlurProcess
+
+    with pytest.raises(ConfigError, match="'v' reads alpha.*SoftBlurProcess.*use eps"):
+        ScoreModel(_Fixed(), SoftBlurProcess(num_steps=10, blur_max=2.0), "v")
 
 
 SAMPLERS = {
