@@ -52,6 +52,10 @@ class OutputKind:
     energy: Reading | None = None
     #: Read with alpha(t) as well as sigma(t): needs a process with Gaussian marginals.
     needs_alpha: bool = False
+    #: What the network is fed instead of x (a preconditioned input), and conditioned on
+    #: instead of the process's label ((B,)), for outputs that precondition (EDM).
+    network_input: Callable[[torch.Tensor, Marginal], torch.Tensor] | None = None
+    label: Callable[[torch.Tensor, Marginal], torch.Tensor] | None = None
 
 
 def _scalar(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +79,24 @@ def _scalar(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 #:   v: v = alpha z - sigma x_0 (Salimans & Ho 2022, sec. 4 and App. D), so that
 #:     x_0 = (alpha x - sigma v) / (alpha^2 + sigma^2) and z = (sigma x + alpha v) / (alpha^2 +
 #:     sigma^2): alpha x - sigma v and sigma x + alpha v on VP, where alpha^2 + sigma^2 = 1.
+#:   edm: Karras et al. 2022's preconditioning (Table 1, "Ours"), in the coordinates x / alpha
+#:     with noise level r = sigma / alpha: D = c_skip(r) x / alpha + c_out(r) F(c_in(r) x / alpha;
+#:     c_noise(r)), c_skip = s^2 / (r^2 + s^2), c_out = r s / sqrt(r^2 + s^2), c_in = 1 /
+#:     sqrt(r^2 + s^2), c_noise = ln(r) / 4, s = sigma_data = 0.5; written with d = sqrt(sigma^2 +
+#:     alpha^2 s^2): F sees x / d, D = s^2 alpha x / d^2 + sigma s F / d (no division by alpha).
 #:   energy: an energy E(x, t), p_t(x) proportional to exp(-E) (Khungurn sec. 2, the energy-based
 #:     model); score = -grad_x E.
 #:   energy_over_sigma: E = output / sigma, so score = -grad_x output / sigma (NCSNv2's
 #:     s(x) / sigma, Technique 3, for an energy).
+#: sigma_data of EDM's preconditioning: the std of data in [-1, 1] (Karras et al. sec. 5).
+EDM_SIGMA_DATA = 0.5
+
+
+def _edm_scale(m: Marginal) -> torch.Tensor:
+    """d = sqrt(sigma^2 + alpha^2 sigma_data^2) = alpha sqrt(r^2 + sigma_data^2)."""
+    return (m.sigma**2 + m.alpha**2 * EDM_SIGMA_DATA**2).sqrt()
+
+
 OUTPUT_KINDS: dict[str, OutputKind] = {
     "eps": OutputKind(score=lambda out, x, m: -out / m.sigma, eps=lambda out, x, m: out),
     "score": OutputKind(score=lambda out, x, m: out),
@@ -91,6 +109,15 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
         x0=lambda out, x, m: (m.alpha * x - m.sigma * out) / (m.alpha**2 + m.sigma**2),
         eps=lambda out, x, m: (m.sigma * x + m.alpha * out) / (m.alpha**2 + m.sigma**2),
         needs_alpha=True,
+    ),
+    "edm": OutputKind(
+        x0=lambda out, x, m: (
+            EDM_SIGMA_DATA**2 * m.alpha * x / _edm_scale(m) ** 2
+            + m.sigma * EDM_SIGMA_DATA * out / _edm_scale(m)
+        ),
+        needs_alpha=True,
+        network_input=lambda x, m: x / _edm_scale(m),
+        label=lambda x, m: (m.sigma / m.alpha).reshape(x.shape[0]).log() / 4,
     ),
     "energy": OutputKind(energy=lambda out, x, m: _scalar(out, x)),
     "energy_over_sigma": OutputKind(
@@ -154,10 +181,12 @@ class ScoreModel(nn.Module):
     ) -> tuple[torch.Tensor, Marginal, torch.Tensor]:
         t = batch_time(t, x)
         marginal = Marginal(self.process, t, x)
-        label = self.label(t)
+        label = self.label(t) if self.kind.label is None else self.kind.label(x, marginal)
         label = label.to(x.dtype) if label.is_floating_point() else label
+        precondition = self.kind.network_input
+        x_in = x if precondition is None else precondition(x, marginal)
         # the network in its own dtype (bf16-true, 64-true), the process's arithmetic in x's
-        inputs = x.to(self.network_dtype)
+        inputs = x_in.to(self.network_dtype)
         if self.channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         out = self.network(inputs, label)
