@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,9 @@ class ScoreModel(nn.Module):
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
+        # the classes the next evaluations are conditioned on, and the guidance scale
+        self.classes: torch.Tensor | None = None
+        self.guidance_scale = 1.0
         if parameterization not in OUTPUT_KINDS:
             raise ConfigError(
                 f"unknown parameterization {parameterization!r}: use one of {PARAMETERIZATIONS}"
@@ -189,8 +193,40 @@ class ScoreModel(nn.Module):
         inputs = x_in.to(self.network_dtype)
         if self.channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        out = self.network(inputs, label)
+        out = self._network(inputs, label)
         return out.to(x.dtype), marginal, t
+
+    @contextmanager
+    def conditioned(
+        self, classes: torch.Tensor | None, guidance_scale: float = 1.0
+    ) -> Iterator[None]:
+        """Evaluate the network conditioned on ``classes`` (B,) (class -1: none) inside the
+        block; with ``guidance_scale`` w other than 1, classifier-free guidance (Ho & Salimans
+        2022): the output is uncond + w (cond - uncond), the conditional and unconditional
+        passes batched as one. Every parameterisation here reads the output affinely (or, for
+        an energy, differentiates it linearly), so the denoised estimate, the noise and the
+        score are guided alike: w = 0 is the unconditional model, w = 1 the conditional."""
+        saved = self.classes, self.guidance_scale
+        self.classes, self.guidance_scale = classes, float(guidance_scale)
+        try:
+            yield
+        finally:
+            self.classes, self.guidance_scale = saved
+
+    def _network(self, inputs: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The network's output, conditioned and guided as :meth:`conditioned` set."""
+        classes, w = self.classes, self.guidance_scale
+        if classes is None:
+            return self.network(inputs, label)
+        classes = classes.to(inputs.device)
+        if w == 1.0:
+            return self.network(inputs, label, classes)
+        none = torch.full_like(classes, -1)
+        both = self.network(
+            torch.cat([inputs, inputs]), torch.cat([label, label]), torch.cat([classes, none])
+        )
+        cond, uncond = both.chunk(2)
+        return uncond + w * (cond - uncond)
 
     @property
     def network_dtype(self) -> torch.dtype:

@@ -12,6 +12,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from diffusion_lab.config_types import NonNegativeInt, PositiveInt, Probability
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.gathering import distributed, gather_on_rank_zero
 from diffusion_lab.methods.training import TrainingModule
 from diffusion_lab.metrics import image_quality
@@ -73,8 +74,17 @@ class DiffusionMethod(TrainingModule):
         run_config: dict | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        label_dropout: Probability = 0.0,
+        guidance_scale: float = 1.0,
     ) -> None:
         super().__init__(optimizer, data_range, model_range, warmup_steps, run_config)
+        self.num_classes = int(getattr(network, "num_classes", 0))
+        if label_dropout and not self.num_classes:
+            raise ConfigError(
+                f"method.label_dropout={label_dropout} needs a class-conditional network: set "
+                "network.num_classes (e.g. 10 for digits)"
+            )
+        self.label_dropout, self.guidance_scale = float(label_dropout), float(guidance_scale)
         if channels_last:
             network.to(memory_format=torch.channels_last)
         if compile:
@@ -123,18 +133,35 @@ class DiffusionMethod(TrainingModule):
         """The loss of a batch in model range (a method may give the loss more context)."""
         return self.loss_fn(self.model, x)
 
+    def batch_classes(self, batch: Any, dropout: float) -> torch.Tensor | None:
+        """A class-conditional network's classes of a batch (images, labels), each replaced by
+        -1 ("no class") with probability ``dropout`` (Ho & Salimans 2022 Alg. 1: one network
+        learns the conditional and the unconditional model); None for other networks."""
+        if not self.num_classes:
+            return None
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ConfigError(
+                "network.num_classes is set but the data give no labels: use a labelled data "
+                "set (digits, mnist, cifar10, imagenet)"
+            )
+        labels = batch[1].long()
+        dropped = torch.rand(labels.shape, device=labels.device) < dropout
+        return torch.where(dropped, -1, labels)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if self.dequantize:
             x = x * 255 / 256 + torch.rand_like(x) / 256
-        loss = self.batch_loss(self.to_model_range(x))
+        with self.model.conditioned(self.batch_classes(batch, self.label_dropout)):
+            loss = self.batch_loss(self.to_model_range(x))
         self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = self.to_model_range(batch[0] if isinstance(batch, (list, tuple)) else batch)
-        loss = self.batch_loss(x)
+        with self.model.conditioned(self.batch_classes(batch, 0.0)):
+            loss = self.batch_loss(x)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True)
         if batch_idx == 0 and x.ndim == 4 and not self.trainer.sanity_checking:
             images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -226,12 +253,21 @@ class DiffusionMethod(TrainingModule):
             x_init = x_init.double()
         was_training = self.training
         self.eval()
-        with self.autocast():
+        with self.autocast(), self.model.conditioned(*self.sample_classes(indices)):
             result = self.sampler(
                 self.model, self.process, x_init, generator=streams, **sampler_options
             )
         self.train(was_training)
         return self.to_data_range(result.samples), result.nfe
+
+    def sample_classes(self, indices: range) -> tuple[torch.Tensor | None, float]:
+        """The classes samples number ``indices`` are drawn for (sample i: class i mod K, so
+        every class is drawn alike) and the guidance scale; (None, 1) for an unconditional
+        network."""
+        if not self.num_classes:
+            return None, 1.0
+        classes = torch.tensor([i % self.num_classes for i in indices], device=self.device)
+        return classes, self.guidance_scale
 
     def autocast(self) -> AbstractContextManager:
         """The trainer's autocast under ``bf16-mixed`` / ``16-mixed``, which Lightning applies

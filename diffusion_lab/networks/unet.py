@@ -44,6 +44,15 @@ class _ResAttn(nn.Module):
         return self.attn(self.res(x, temb))
 
 
+def class_rows(classes: torch.Tensor | None, num_classes: int, x: torch.Tensor) -> torch.Tensor:
+    """The class embedding's row of each example: its class, or ``num_classes`` ("no class")
+    for class -1 or when no classes are given."""
+    if classes is None:
+        return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
+    classes = classes.long()
+    return torch.where(classes < 0, num_classes, classes)
+
+
 def _padded_size(image_size: int, levels: int) -> int:
     """The smallest size >= ``image_size`` that ``levels - 1`` halvings divide exactly."""
     factor = 2 ** (levels - 1)
@@ -69,6 +78,9 @@ class UNet(nn.Module):
         dropout: dropout rate inside the residual blocks (0.1 in DDPM's CIFAR-10 model).
         embedding: ``"sinusoidal"`` (DDPM), ``"fourier"`` (VE models) or ``"linear_time"`` (t itself).
         out_channels: output channels; defaults to ``in_channels``.
+        num_classes: 0 (unconditional), or K: a learned embedding of the class, added to the
+            time embedding (Ho & Salimans 2022), with one more row for "no class" (class -1,
+            or no ``classes`` given), which classifier-free guidance trains by label dropout.
     """
 
     def __init__(
@@ -82,8 +94,11 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         embedding: str = "sinusoidal",
         out_channels: int | None = None,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise NetworkConfigError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         channel_mult = tuple(int(m) for m in channel_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
         out_channels = in_channels if out_channels is None else int(out_channels)
@@ -103,6 +118,9 @@ class UNet(nn.Module):
         ch, temb_dim = base_channels, 4 * base_channels
         self.embed = noise_embedding(embedding, ch)
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.num_classes = num_classes
+        if num_classes:  # the last row is "no class"
+            self.class_embed = nn.Embedding(num_classes + 1, temb_dim)
         self.conv_in = conv3x3(in_channels, ch)
 
         self.down = nn.ModuleList()
@@ -162,13 +180,19 @@ class UNet(nn.Module):
                 f"(channel_mult {list(channel_mult)}): need >= {2 ** (len(channel_mult) - 1)}"
             )
 
-    def forward(self, x: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_label: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.ndim != 4 or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"UNet built for (B, C, {self.image_size}, {self.image_size}) inputs, got "
                 f"{tuple(x.shape)}"
             )
         temb = self.temb(self.embed(noise_label))
+        if self.num_classes:
+            temb = temb + self.class_embed(class_rows(classes, self.num_classes, x))
+        elif classes is not None:
+            raise ValueError("classes given to an unconditional UNet: set network.num_classes")
         pad = self.padded_size - self.image_size
         lo, hi = pad // 2, pad - pad // 2
         h = F.pad(x, (lo, hi, lo, hi), mode="reflect") if pad else x
