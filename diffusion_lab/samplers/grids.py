@@ -24,6 +24,8 @@ float64 to a relative 1e-12, so every grid serves every process without per-proc
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffusion_lab.errors import ConfigError
@@ -34,7 +36,7 @@ GRIDS = ("levels", "uniform", "logsnr", "karras")
 BISECTION_STEPS = 64
 
 
-SPACINGS = ("trailing", "leading", "linspace")
+SPACINGS = ("trailing", "leading", "linspace", "quadratic")
 
 
 def level_grid(
@@ -44,7 +46,10 @@ def level_grid(
 
     ``"trailing"`` always starts at the noisiest level t = 1 and strides down (the spacing that
     avoids the off-by-one of diffusers #2585/#9261); ``"leading"`` is DDIM's original
-    0, k, 2k, ... (never reaches t = 1); ``"linspace"`` rounds an even spread over the levels.
+    0, k, 2k, ... (never reaches t = 1); ``"linspace"`` rounds an even spread over the levels;
+    ``"quadratic"`` is DDIM's quadratic selection (Song et al. 2021, App. D.2: levels
+    floor(c i^2) with c such that the last is 0.8 N, its CIFAR-10 choice), dense near the data,
+    defined for 2 <= steps <= 1 + sqrt(0.8 N) (more would repeat a level).
     The grid is strictly decreasing: no duplicated last level and no zero-length step.
     """
     levels = process.level_times()
@@ -59,6 +64,15 @@ def level_grid(
     elif spacing == "linspace":  # round((n - 1)(1 - i / (steps - 1))), i = 0 .. steps - 1
         last = max(steps - 1, 1)
         index = [rounded_ratio((n - 1) * (last - i), last) for i in range(steps)]
+    elif spacing == "quadratic":  # floor(0.8 n i^2 / (steps - 1)^2), exactly, from the top
+        if steps < 2 or 4 * n < 5 * (steps - 1) ** 2:
+            most = 1 + math.isqrt(4 * n // 5)
+            raise ConfigError(
+                f"quadratic spacing over {n} levels takes 2 to {most} steps (more repeat a "
+                f"level), got {steps}: use spacing trailing"
+            )
+        last = steps - 1
+        index = [4 * n * i * i // (5 * last * last) for i in reversed(range(steps))]
     else:
         raise ConfigError(f"unknown time-step spacing {spacing!r}: use one of {SPACINGS}")
     times = levels[torch.tensor(index)]

@@ -5,6 +5,7 @@ grids: drawn by hypothesis), and the defects such checks found, each pinned by a
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hydra.utils import instantiate
 from hypothesis import given
 from hypothesis import strategies as st
 
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import ForwardProcess
 from diffusion_lab.processes.sde import SDE, VPSDE
 from diffusion_lab.samplers.ancestral import ancestral
@@ -46,14 +48,20 @@ def test_every_process_config_is_covered():
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_every_level_grid_decreases_from_its_first_level_to_zero(name: str, spacing: str):
     """For every steps in [1, N]: strictly decreasing, the documented first level (t = 1 for
-    trailing and linspace; DDIM's (steps - 1) * (N // steps)-th level for leading), ending at
+    trailing and linspace; DDIM's (steps - 1) * (N // steps)-th level for leading, its 0.8 N-th
+    for quadratic, which refuses the step counts that would repeat a level), ending at
     t = 0: ``steps`` of the levels, then t = 0 unless the last of them is already 0 (VE)."""
     process = process_from_config(name)
     levels = process.level_times()
     n = len(levels)
     for steps in range(1, n + 1):
+        if spacing == "quadratic" and not 2 <= steps <= 1 + math.isqrt(4 * n // 5):
+            with pytest.raises(ConfigError, match="quadratic spacing over .* takes 2 to"):
+                level_grid(process, steps, spacing)
+            continue
         times = level_grid(process, steps, spacing)
-        first = levels[(steps - 1) * (n // steps)] if spacing == "leading" else levels[-1]
+        first = {"leading": levels[(steps - 1) * (n // steps)], "quadratic": levels[4 * n // 5]}
+        first = first.get(spacing, levels[-1])
         assert float(times[0]) == float(first), (steps, times[:3])
         assert float(times[-1]) == 0.0, (steps, times[-3:])
         assert bool((times[1:] < times[:-1]).all()), (steps, times)
@@ -134,3 +142,13 @@ def test_a_one_step_grid_evaluates_at_t_one(grid: str):
     with times[0], times[-1] = 1, t_min on a one-element tensor)."""
     process = VPSDE()
     assert sampling_times(process, 1, grid).tolist() == [1.0]
+
+
+def test_quadratic_spacing_is_ddims_selection():
+    """DDIM's App. D.2 / its code: (linspace(0, sqrt(0.8 N), S) ** 2) cast to int, as levels
+    0-based, on N = 1000 at S = 10: 0, 9, 39, 88, 158, 246, 355, 483, 632, 800."""
+    process = VPSDE(num_steps=1000)
+    times = level_grid(process, 10, "quadratic")
+    index = torch.searchsorted(process.level_times(), times[:-1]).tolist()
+    assert index[::-1] == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
+    assert float(times[-1]) == 0.0
