@@ -31,6 +31,7 @@ GENEROUS = {
     "annealed_langevin": {},  # ve_ncsn: 10 levels x 100 steps
     "ddim": {"steps": 200},
     "dpm_solver_pp": {"steps": 100},
+    "dpm_solver_pp_3m": {"steps": 100},
     "edm_stochastic": {"steps": 100},
     "euler": {"steps": 400},
     "heun": {"steps": 100},
