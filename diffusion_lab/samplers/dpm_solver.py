@@ -15,7 +15,10 @@ step has no history and is of order 1). The stochastic variant (their sec. 5 / A
           + sigma_i sqrt(1 - e^{-2 h_i}) z,
 
 with D_i the same combination (order 2: x0_{i-1} + (x0_{i-1} - x0_{i-2}) / (2 r_i)); order 1 is
-DDPM's posterior step. Order 3 (DPM-Solver++(3M), the reference code's
+DDPM's posterior step. ``solver_type="heun"`` (k-diffusion's ``sample_dpmpp_2m_sde`` option, for
+both solvers) weights the second-order difference by c = 1 / (1 - e^{-h'}) - 1 / h' instead of
+the midpoint's 1/2 (h' = h for the ODE, 2 h for the SDE: the exponent of its data term), the
+exact integral of a linear data prediction against the exponential weight; c -> 1/2 as h -> 0. Order 3 (DPM-Solver++(3M), the reference code's
 ``multistep_dpm_solver_third_update``) uses the last three data predictions m0, m1, m2 with
 steps h, h_0, h_1 (r_0 = h_0 / h, r_1 = h_1 / h):
 
@@ -57,6 +60,7 @@ from diffusion_lab.samplers.grids import sampling_times
 from diffusion_lab.utils import batch_time
 
 ORDERS = (1, 2, 3)
+SOLVER_TYPES = ("midpoint", "heun")
 
 
 @sampler(time_grid="choice")
@@ -70,6 +74,7 @@ def dpm_solver_pp(
     generator: torch.Generator | None = None,
     order: int = 2,
     stochastic: bool = False,
+    solver_type: str = "midpoint",
     grid: str = "levels",
     spacing: str = "trailing",
     rho: float = 7.0,
@@ -77,10 +82,15 @@ def dpm_solver_pp(
     return_trajectory: bool = False,
     progress: bool = True,
 ) -> SampleResult:
-    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2; ``order=1``: DDIM), or with ``stochastic``
-    SDE-DPM-Solver++(2M) (their sec. 5). NFE = steps."""
+    """DPM-Solver++(2M) (Lu et al. 2022 Alg. 2; ``order=1``: DDIM; ``order=3``: 3M), or with
+    ``stochastic`` SDE-DPM-Solver++(2M) (their sec. 5); ``solver_type`` midpoint or heun for the
+    second-order term. NFE = steps."""
     if order not in ORDERS:
         raise ConfigError(f"DPM-Solver++ order must be one of {ORDERS}, got {order}")
+    if solver_type not in SOLVER_TYPES:
+        raise ConfigError(
+            f"DPM-Solver++ solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}"
+        )
     if order == 3 and stochastic:
         raise ConfigError("DPM-Solver++ order 3 is the ODE solver's: use order 2 with stochastic")
     score = CountingModel(model, process)
@@ -105,7 +115,8 @@ def dpm_solver_pp(
             data = x0
             if order >= 2 and history:
                 r = history[-1][1] / h
-                data = x0 + (x0 - history[-1][0]) / (2 * r)
+                weight = _difference_weight(2 * h if stochastic else h, solver_type)
+                data = x0 + weight * (x0 - history[-1][0]) / r
             if stochastic:
                 x = (ratio * math.exp(-h)) * x + alphas[i + 1] * -math.expm1(-2 * h) * data
                 noise = sigmas[i + 1] * math.sqrt(-math.expm1(-2 * h))
@@ -115,6 +126,14 @@ def dpm_solver_pp(
         history = [*history[-1:], (x0, h)]
         report(callback, trajectory, x=x, t=float(times[i + 1]), step=i, denoised=x0)
     return SampleResult(x, score.nfe, trajectory or [])
+
+
+def _difference_weight(h: float, solver_type: str) -> float:
+    """The weight of (x0_{i-1} - x0_{i-2}) / r in the second-order data term: 1/2 (midpoint) or
+    1 / (1 - e^{-h}) - 1 / h (heun)."""
+    if solver_type == "midpoint":
+        return 0.5
+    return -1 / math.expm1(-h) - 1 / h
 
 
 def _third_order_increment(

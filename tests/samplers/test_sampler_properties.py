@@ -38,6 +38,7 @@ GENEROUS = {
     "ode": {},
     "pc": {"steps": 500},
     "sde_dpm_solver_pp": {"steps": 200},
+    "sde_dpm_solver_pp_heun": {"steps": 200},
     "soft_momentum": {},  # every level (first order: at 250 of 1000 the PF error is 6 SE)
     "soft_naive": {},
     "soft_pf_momentum": {},
