@@ -41,6 +41,9 @@ VARIANTS: dict[str, list[str]] = {
         "sampler=sde_dpm_solver_pp",
         "trainer.max_steps=2400",
     ],
+    "v-prediction": ["method.parameterization=v"],
+    "min-SNR-5 weighting": ["loss.weighting=min_snr"],
+    "EDM preconditioning and loss": ["method.parameterization=edm", "loss=edm"],
 }
 KEYS = ("fid_digits", "coverage_confident_fraction", "coverage_classes_present", "coverage_balance",
         "nfe")  # fmt: skip
