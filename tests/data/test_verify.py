@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from helpers import cli
 from helpers.formats import write_jpeg
+from helpers.gloo import run_gloo_ranks
 
 from diffusion_lab.data.pixels import load_image
 from diffusion_lab.data.verify import readable_files
@@ -51,22 +49,10 @@ def verify_worker() -> None:
 
 
 def run_ranks(tmp_path: Path, root: Path, caches: list[Path]) -> list[dict]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    here = Path(__file__).parent
-    code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; "
-            "import test_verify as t; t.verify_worker()")  # fmt: skip
-    env = {**os.environ, "WORLD_SIZE": str(len(caches)), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OUT": str(tmp_path), "ROOT": str(root)}  # fmt: skip
-    ranks = [
-        cli.Popen(
-            [sys.executable, "-c", code],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "DIFFUSION_LAB_CACHE": str(cache)},
-        )  # fmt: skip
-        for r, cache in enumerate(caches)
-    ]
-    assert [rank.wait(timeout=300) for rank in ranks] == [0] * len(caches)
+    """One gloo rank per cache folder; what each decoded and decided."""
+    envs = [{"OUT": str(tmp_path), "ROOT": str(root), "DIFFUSION_LAB_CACHE": str(cache)}
+            for cache in caches]  # fmt: skip
+    run_gloo_ranks(__file__, "verify_worker", envs)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(len(caches))]
 
 

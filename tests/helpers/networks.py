@@ -33,3 +33,18 @@ def perturb_zero_params(model: torch.nn.Module, seed: int = 0) -> None:
         for p in model.parameters():
             if not p.any():
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def random_diffusers_unet(config: dict, seed: int = 0) -> torch.nn.Module:
+    """diffusers' ``UNet2DModel`` of ``config`` with random weights, GroupNorm affines included
+    (left at 1 and 0, a norm mapped to the wrong layer would go unseen), in eval mode."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DModel.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.add_(0.1 * torch.randn_like(module.weight))
+                module.bias.add_(0.1 * torch.randn_like(module.bias))
+    return model

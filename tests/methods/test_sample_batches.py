@@ -3,15 +3,13 @@ samples give the same images; the batches cover 0..N-1 in order, aligned where a
 
 import functools
 import os
-import socket
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import cli
+from helpers.gloo import run_gloo_ranks
 
 from diffusion_lab.methods.base import DiffusionMethod
 from diffusion_lab.networks.unet import UNet
@@ -93,16 +91,7 @@ def validation_worker() -> None:
 def test_validation_samples_are_shared_out_over_ranks_and_gathered_on_rank_zero(tmp_path):
     """Every rank drew all validation samples (the same ones); now rank r of 2 draws batches
     r, r + 2, ... and rank 0 holds the N samples one process draws."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    here = Path(__file__).parent
-    code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; "
-            "import test_sample_batches as t; t.validation_worker()")  # fmt: skip
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OUT": str(tmp_path)}  # fmt: skip
-    ranks = [cli.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}) for r in (0, 1)]
-    assert [rank.wait(timeout=300) for rank in ranks] == [0, 0]
+    run_gloo_ranks(__file__, "validation_worker", [{"OUT": str(tmp_path)}] * 2)
     zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert zero["drawn"] == [[0, 1], [4, 5]] and one["drawn"] == [[2, 3], [6]]
     assert one["result"] is None

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import cli
+from helpers.networks import random_diffusers_unet
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
@@ -65,19 +66,6 @@ TINY = {  # the same block types without attention, small enough for a CPU round
 SIGMAS = torch.tensor([0.01, 1.0, 50.0, 1348.0])  # diffusers' VE range, one per example
 
 
-def reference(config: dict, seed: int = 0) -> torch.nn.Module:
-    """diffusers' UNet2DModel of ``config`` with random weights, GroupNorm affines perturbed
-    (left at 1 and 0, a norm mapped to the wrong layer would go unseen)."""
-    torch.manual_seed(seed)
-    model = diffusers.UNet2DModel.from_config(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.add_(0.1 * torch.randn_like(module.weight))
-                module.bias.add_(0.1 * torch.randn_like(module.bias))
-    return model
-
-
 def converted(model: torch.nn.Module) -> NCSNpp:
     kwargs = ncsnpp_kwargs(dict(model.config))
     net = NCSNpp(**kwargs).eval()
@@ -120,7 +108,7 @@ def test_celebahq_ncsnpp_equals_diffusers_at_64x64() -> None:
     kwargs = ncsnpp_kwargs(CELEBAHQ)
     assert kwargs["channel_mult"] == [1, 1, 2, 2, 2, 2, 2] and kwargs["attn_resolutions"] == [16]
 
-    model = reference({**CELEBAHQ, "sample_size": 64}, seed=2)
+    model = random_diffusers_unet({**CELEBAHQ, "sample_size": 64}, seed=2)
     net = converted(model)
     x = noisy((4, 3, 64, 64), SIGMAS, seed=3)
     # float32: rounding alone, up to 8.7e-6 measured at sigma = 0.01 (where |output| is small)
@@ -133,7 +121,7 @@ def test_celebahq_ncsnpp_equals_diffusers_at_64x64() -> None:
 def test_the_converted_weights_are_diffusers_own_tensors() -> None:
     """Every diffusers tensor lands in exactly one of ours, unchanged but for the attention's
     q, k, v rows stacked into one 1x1 conv (its values are checked through the outputs above)."""
-    model = reference(TINY, seed=7)
+    model = random_diffusers_unet(TINY, seed=7)
     state = ncsnpp_state_dict(model.state_dict(), ncsnpp_kwargs(TINY))
     net = NCSNpp(**ncsnpp_kwargs(TINY))
     assert state.keys() == net.state_dict().keys()
@@ -224,7 +212,7 @@ def test_convert_then_sample_from_the_run_folder(tmp_path: Path) -> None:
     from diffusion_lab.sample import load_run
 
     src, out = tmp_path / "src", tmp_path / "run"
-    model = reference(TINY, seed=4)
+    model = random_diffusers_unet(TINY, seed=4)
     model.save_pretrained(src)
     diffusers.ScoreSdeVeScheduler(num_train_timesteps=40, sigma_max=20.0, snr=0.12).save_pretrained(
         src

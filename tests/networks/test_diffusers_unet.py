@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CONF, cli
+from helpers.networks import random_diffusers_unet
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
@@ -76,19 +77,6 @@ TINY = {  # the same block types, small enough for a CPU round trip (>= 128 chan
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
-def reference(config: dict, seed: int = 0) -> torch.nn.Module:
-    """diffusers' UNet2DModel of ``config`` with random weights, GroupNorm affines included
-    (left at 1 and 0, a norm mapped to the wrong layer would go unseen)."""
-    torch.manual_seed(seed)
-    model = diffusers.UNet2DModel.from_config(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.add_(0.1 * torch.randn_like(module.weight))
-                module.bias.add_(0.1 * torch.randn_like(module.bias))
-    return model
-
-
 def converted(model: torch.nn.Module) -> UNet:
     kwargs = unet_kwargs(dict(model.config))
     net = UNet(**kwargs).eval()
@@ -108,7 +96,7 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def test_cifar10_unet_equals_diffusers() -> None:
-    model = reference(CIFAR10)
+    model = random_diffusers_unet(CIFAR10)
     net = converted(model)
     assert n_params(model) == n_params(net) == 35_746_307  # the paper's "35.7M"
     kwargs = unet_kwargs(CIFAR10)  # our preset's architecture
@@ -139,7 +127,7 @@ def test_celebahq_unet_equals_diffusers_at_64x64() -> None:
     assert unet_kwargs(CELEBAHQ)["channel_mult"] == [1, 1, 2, 2, 4, 4]
     assert unet_kwargs(CELEBAHQ)["attn_resolutions"] == [16]
 
-    model = reference({**CELEBAHQ, "sample_size": 64}, seed=2)
+    model = random_diffusers_unet({**CELEBAHQ, "sample_size": 64}, seed=2)
     net = converted(model)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     assert relative_difference(model, net, x, torch.tensor([10, 900])) < 1e-5  # 1.4e-6
@@ -210,7 +198,7 @@ def test_convert_then_sample_from_the_run_folder(tmp_path: Path) -> None:
     from diffusion_lab.sample import load_run
 
     src, out = tmp_path / "src", tmp_path / "run"
-    model = reference(TINY, seed=4)
+    model = random_diffusers_unet(TINY, seed=4)
     model.save_pretrained(src)
     diffusers.DDPMScheduler(num_train_timesteps=500, beta_end=0.015).save_pretrained(src)
 
@@ -258,7 +246,7 @@ def test_reads_a_pipeline_folder_with_bin_weights(tmp_path: Path) -> None:
     """A pipeline's layout (unet/, scheduler/) and weights saved as .bin (weights_only)."""
     from diffusion_lab.convert import model_folder, read_weights, scheduler_config
 
-    model = reference(TINY, seed=6)
+    model = random_diffusers_unet(TINY, seed=6)
     model.save_pretrained(tmp_path / "unet", safe_serialization=False)
     diffusers.DDIMScheduler(num_train_timesteps=700).save_pretrained(tmp_path / "scheduler")
     folder = model_folder(tmp_path)
