@@ -48,3 +48,12 @@ def random_diffusers_unet(config: dict, seed: int = 0) -> torch.nn.Module:
                 module.weight.add_(0.1 * torch.randn_like(module.weight))
                 module.bias.add_(0.1 * torch.randn_like(module.bias))
     return model
+
+
+def converted_from_diffusers(model: torch.nn.Module, network_class, read_kwargs, read_state):
+    """Our ``network_class`` built from a diffusers model's config (``read_kwargs``) with its
+    weights renamed (``read_state``), in eval mode."""
+    kwargs = read_kwargs(dict(model.config))
+    net = network_class(**kwargs).eval()
+    net.load_state_dict(read_state(model.state_dict(), kwargs))
+    return net

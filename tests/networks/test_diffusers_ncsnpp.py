@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import cli
-from helpers.networks import random_diffusers_unet
+from helpers.networks import converted_from_diffusers, n_params, random_diffusers_unet
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
@@ -67,10 +67,7 @@ SIGMAS = torch.tensor([0.01, 1.0, 50.0, 1348.0])  # diffusers' VE range, one per
 
 
 def converted(model: torch.nn.Module) -> NCSNpp:
-    kwargs = ncsnpp_kwargs(dict(model.config))
-    net = NCSNpp(**kwargs).eval()
-    net.load_state_dict(ncsnpp_state_dict(model.state_dict(), kwargs))
-    return net
+    return converted_from_diffusers(model, NCSNpp, ncsnpp_kwargs, ncsnpp_state_dict)
 
 
 @torch.no_grad()
@@ -93,10 +90,6 @@ def noisy(shape: tuple[int, ...], sigma: torch.Tensor, seed: int) -> torch.Tenso
 def saved_config(scheduler) -> dict:
     """The scheduler's config as save_pretrained writes it (``_class_name`` included)."""
     return json.loads(scheduler.to_json_string())
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_celebahq_ncsnpp_equals_diffusers_at_64x64() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import CONF, cli
-from helpers.networks import random_diffusers_unet
+from helpers.networks import converted_from_diffusers, n_params, random_diffusers_unet
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import ConfigError
@@ -78,10 +78,7 @@ LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_att
 
 
 def converted(model: torch.nn.Module) -> UNet:
-    kwargs = unet_kwargs(dict(model.config))
-    net = UNet(**kwargs).eval()
-    net.load_state_dict(unet_state_dict(model.state_dict(), kwargs))
-    return net
+    return converted_from_diffusers(model, UNet, unet_kwargs, unet_state_dict)
 
 
 @torch.no_grad()
@@ -89,10 +86,6 @@ def relative_difference(model, net, x: torch.Tensor, t: torch.Tensor) -> float:
     """max |theirs - ours| / max |theirs|."""
     theirs = model(x, t).sample
     return float((theirs - net(x, t.float())).abs().max() / theirs.abs().max())
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_cifar10_unet_equals_diffusers() -> None:
