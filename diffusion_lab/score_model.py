@@ -32,6 +32,12 @@ class Marginal:
         alpha = self.process.marginal_coefficients(self.t)[0]  # type: ignore[attr-defined]
         return append_dims(alpha, self.x.ndim).to(self.x.dtype)
 
+    @functools.cached_property
+    def rates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha'(t), sigma'(t)), broadcast as alpha and sigma."""
+        rates = self.process.marginal_rates(self.t)  # type: ignore[attr-defined]
+        return tuple(append_dims(r, self.x.ndim).to(self.x.dtype) for r in rates)  # type: ignore[return-value]
+
 
 # (output, x, marginal) -> the quantity.
 Reading = Callable[[torch.Tensor, torch.Tensor, Marginal], torch.Tensor]
@@ -80,6 +86,10 @@ def _scalar(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 #:   v: v = alpha z - sigma x_0 (Salimans & Ho 2022, sec. 4 and App. D), so that
 #:     x_0 = (alpha x - sigma v) / (alpha^2 + sigma^2) and z = (sigma x + alpha v) / (alpha^2 +
 #:     sigma^2): alpha x - sigma v and sigma x + alpha v on VP, where alpha^2 + sigma^2 = 1.
+#:   velocity: the flow u = dx_t/dt = alpha' x_0 + sigma' z (flow matching, Lipman et al. 2023
+#:     sec. 4; z - x_0 on the linear path), so with det = alpha sigma' - sigma alpha':
+#:     x_0 = (sigma' x - sigma u) / det and z = (alpha u - alpha' x) / det (x - t u and x + (1 - t)
+#:     u on the linear path, where det = 1).
 #:   edm: Karras et al. 2022's preconditioning (Table 1, "Ours"), in the coordinates x / alpha
 #:     with noise level r = sigma / alpha: D = c_skip(r) x / alpha + c_out(r) F(c_in(r) x / alpha;
 #:     c_noise(r)), c_skip = s^2 / (r^2 + s^2), c_out = r s / sqrt(r^2 + s^2), c_in = 1 /
@@ -91,6 +101,15 @@ def _scalar(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 #:     s(x) / sigma, Technique 3, for an energy).
 #: sigma_data of EDM's preconditioning: the std of data in [-1, 1] (Karras et al. sec. 5).
 EDM_SIGMA_DATA = 0.5
+#: Where c_noise = ln(r) / 4 saturates: past r = 1e4 (a flow near t = 1, where alpha = 0 and r is
+#: infinite) the data's weight in x / alpha is below 1e-8 and the label stays ln(1e4) / 4 = 2.3.
+EDM_MAX_RATIO = 1e4
+
+
+def _velocity_det(m: Marginal) -> torch.Tensor:
+    """alpha sigma' - sigma alpha', the determinant of (x, u) in terms of (x_0, z)."""
+    rate_alpha, rate_sigma = m.rates
+    return m.alpha * rate_sigma - m.sigma * rate_alpha
 
 
 def _edm_scale(m: Marginal) -> torch.Tensor:
@@ -111,6 +130,11 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
         eps=lambda out, x, m: (m.sigma * x + m.alpha * out) / (m.alpha**2 + m.sigma**2),
         needs_alpha=True,
     ),
+    "velocity": OutputKind(
+        x0=lambda out, x, m: (m.rates[1] * x - m.sigma * out) / _velocity_det(m),
+        eps=lambda out, x, m: (m.alpha * out - m.rates[0] * x) / _velocity_det(m),
+        needs_alpha=True,
+    ),
     "edm": OutputKind(
         x0=lambda out, x, m: (
             EDM_SIGMA_DATA**2 * m.alpha * x / _edm_scale(m) ** 2
@@ -118,7 +142,9 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
         ),
         needs_alpha=True,
         network_input=lambda x, m: x / _edm_scale(m),
-        label=lambda x, m: (m.sigma / m.alpha).reshape(x.shape[0]).log() / 4,
+        label=lambda x, m: (
+            (m.sigma / m.alpha).clamp(max=EDM_MAX_RATIO).reshape(x.shape[0]).log() / 4
+        ),
     ),
     "energy": OutputKind(energy=lambda out, x, m: _scalar(out, x)),
     "energy_over_sigma": OutputKind(
@@ -126,6 +152,12 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
     ),
 }
 PARAMETERIZATIONS = tuple(OUTPUT_KINDS)
+
+
+def _ends_in_pure_noise(process: ForwardProcess) -> bool:
+    """Whether alpha(1) = 0 (a flow-matching path): x_1 then holds nothing of x_0."""
+    coefficients = getattr(process, "marginal_coefficients", None)
+    return coefficients is not None and float(coefficients(torch.ones(1))[0]) == 0.0
 
 
 class ScoreModel(nn.Module):
@@ -162,6 +194,12 @@ class ScoreModel(nn.Module):
                 f"parameterization {parameterization!r} reads alpha(t), which "
                 f"{type(process).__name__} does not have (its mean is not alpha(t) x0): use "
                 "eps, score, x0 or x0_residual"
+            )
+        if self.kind.x0 is None and _ends_in_pure_noise(process):
+            raise ConfigError(
+                f"parameterization {parameterization!r} has no clean-image estimate where "
+                f"alpha(t) = 0 ({type(process).__name__} at t = 1), which the samplers read: use "
+                "velocity, v, x0 or edm"
             )
         levels = getattr(network, "num_levels", None)
         if self._per_level and levels != len(process.level_times()):
@@ -273,21 +311,44 @@ class ScoreModel(nn.Module):
         out, marginal, t = self._output_and_marginal(x, t)
         return self._score(out, x, marginal, t)
 
+    def predictions(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) from one evaluation: the estimated clean image E[x_0 | x_t = x] and
+        noise, each read from the output where the parameterisation gives it, else derived:
+        eps = (x - mean(x0_hat, t)) / sigma, or x0 by Tweedie's formula (``process.denoise``,
+        which needs an invertible mean) with eps = -sigma score."""
+        if self.kind.energy is not None:
+            t = batch_time(t, x)
+            return self._from_score(x, t, self._energy_score(x, t))
+        out, marginal, t = self._output_and_marginal(x, t)
+        x0 = None if self.kind.x0 is None else self.kind.x0(out, x, marginal)
+        eps = None if self.kind.eps is None else self.kind.eps(out, x, marginal)
+        if x0 is None:
+            return self._from_score(x, t, self._score(out, x, marginal, t), eps)
+        if eps is None:
+            eps = (x - self.process.mean(x0, t)) / marginal.sigma
+        return x0, eps
+
+    def _from_score(
+        self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if eps is None:
+            eps = -append_dims(self.process.std(t), x.ndim).to(x.dtype) * score
+        return self.process.denoise(x, t, score), eps
+
     def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Estimated clean image E[x_0 | x_t = x] (for score and energy outputs, Tweedie's
-        formula ``process.denoise``, which needs a process with an invertible mean)."""
-        if self.kind.x0 is None:
-            return self.process.denoise(x, batch_time(t, x), self.score(x, t))
-        out, marginal, _ = self._output_and_marginal(x, t)
-        return self.kind.x0(out, x, marginal)
+        """Estimated clean image E[x_0 | x_t = x] (:meth:`predictions`)."""
+        return self.predictions(x, t)[0]
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Estimated noise z = -sigma(t) score."""
-        if self.kind.eps is not None:
-            out, marginal, _ = self._output_and_marginal(x, t)
-            return self.kind.eps(out, x, marginal)
-        sigma = append_dims(self.process.std(batch_time(t, x)), x.ndim)
-        return -sigma.to(x.dtype) * self.score(x, t)
+        """Estimated noise z = -sigma(t) score (:meth:`predictions`)."""
+        return self.predictions(x, t)[1]
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Estimated flow dx_t/dt = alpha' x0_hat + sigma' eps_hat (the target of flow matching,
+        ``losses.flow_matching``)."""
+        x0, eps = self.predictions(x, t)
+        rate_alpha, rate_sigma = Marginal(self.process, batch_time(t, x), x).rates
+        return rate_alpha * x0 + rate_sigma * eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.score(x, t)

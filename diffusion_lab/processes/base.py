@@ -6,8 +6,8 @@ alpha(t) x_0 for the SDEs (``processes.sde``), C_t x_0 for a linear corruption s
 or a mask (``processes.corruption``; Soft Diffusion, Daras et al. eq. 4), a precomputed table for
 a score embedding. Whatever only needs the noise level reads ``std(t)``.
 
-What a process offers beyond this contract is named in ``provides`` (see
-``samplers.base.check_sampler``), so that a sampler paired with a process it cannot serve stops
+What a process offers beyond this contract is named in ``provides`` (capabilities declared
+with :func:`declare_capability`; see ``samplers.base.check_sampler``), so that a sampler paired with a process it cannot serve stops
 when the run is built, not mid-training.
 """
 
@@ -21,14 +21,26 @@ from torch import nn
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.utils import append_dims
 
-#: What a process can offer a sampler, and how a refusal explains it.
-CAPABILITIES = {
-    "gaussian_sde": "is a linear SDE with Gaussian marginals alpha(t) x0 + sigma(t) z (VE, VP, sub-VP)",
-    "sde": "has a forward SDE dx = f dt + g dW whose reverse SDE and probability flow a learned score drives (VE, VP, sub-VP, FP embedding)",
-    "linear_mean": "has a mean linear in any x0, alpha(t) x0 or C_t x0 (the SDEs, the soft processes)",
-    "unit_mean": "keeps the mean at x0 (alpha(t) = 1: a VE process)",
-    "noisy_at_zero": "keeps noise at t = 0 (sigma(0) > 0: VE, the soft processes)",
-}
+#: What a process can offer a sampler, and how a refusal explains it: each capability is
+#: declared (:func:`declare_capability`) next to the code that provides it.
+CAPABILITIES: dict[str, str] = {}
+
+
+def declare_capability(name: str, meaning: str) -> str:
+    """Register capability ``name``; ``meaning`` completes "needs a process that ..." in the
+    refusal of a sampler that requires it. Returns the name."""
+    if CAPABILITIES.setdefault(name, meaning) != meaning:
+        raise ValueError(f"capability {name!r} is already declared with another meaning")
+    return name
+
+
+LINEAR_MEAN = declare_capability(
+    "linear_mean",
+    "has a mean linear in any x0, alpha(t) x0 or C_t x0 (the SDEs, flows, the soft processes)",
+)
+NOISY_AT_ZERO = declare_capability(
+    "noisy_at_zero", "keeps noise at t = 0 (sigma(0) > 0: VE, the soft processes)"
+)
 
 
 class ForwardProcess(nn.Module, abc.ABC):

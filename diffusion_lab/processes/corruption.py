@@ -18,14 +18,14 @@ from diffusion_lab.operators import (
     LinearOperator,
     ScaleOperator,
 )
-from diffusion_lab.processes.base import ForwardProcess
+from diffusion_lab.processes.base import LINEAR_MEAN, ForwardProcess
 from diffusion_lab.processes.sde import SDE
 
 
 class LinearCorruption(ForwardProcess):
     """x_t = C_t x_0 + sigma_t z; subclasses give ``operator(t)`` (C_t for a batch of times)."""
 
-    provides = frozenset({"linear_mean"})
+    provides = frozenset({LINEAR_MEAN})
 
     @abc.abstractmethod
     def operator(self, t: torch.Tensor) -> LinearOperator:

@@ -10,8 +10,9 @@ lambda(t) = sigma(t) of the base SDE (the paper leaves lambda open; the base's s
 table is interpolated linearly.
 
 Reverse time uses the base SDE's drift and diffusion with the learned score (eq. 4; the paper
-samples with the probability-flow ODE): the process provides ``sde``, which the probability-flow
-and predictor-corrector samplers need, and not ``gaussian_sde``, since its mean is not alpha(t) x0.
+samples with the probability-flow ODE): the process provides ``sde`` and ``probability_flow``,
+which the predictor-corrector and probability-flow samplers need, and not ``gaussian_sde``,
+since its mean is not alpha(t) x0.
 
 Several images: each has its own table. ``separate_intervals`` gives image k its own time
 interval, as the paper does for CelebA generation (sec. 4.4): the network's time label is k + t.
@@ -37,6 +38,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +46,7 @@ import torch
 from diffusion_lab.cache import cache_dir
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes import fokker_planck
-from diffusion_lab.processes.sde import SDE
+from diffusion_lab.processes.sde import HAS_SDE, PROBABILITY_FLOW, SDE
 from diffusion_lab.score_model import ScoreModel
 from diffusion_lab.utils import append_dims
 
@@ -95,7 +97,7 @@ class FPEmbeddingProcess(SDE):
         # Not gaussian_sde: the mean is the table x^n(x0), not alpha(t) x0, so the samplers
         # whose clean-image estimate inverts alpha(t) (DDIM, DPM-Solver++, EDM, ancestral) do
         # not apply; the reverse SDE and the probability flow (eq. 4) do.
-        self.provides = frozenset({"sde"})
+        self.provides = frozenset({HAS_SDE, PROBABILITY_FLOW})
         self.embedding = embedding
         self.solver_options = {
             "tol": tol,
@@ -116,8 +118,18 @@ class FPEmbeddingProcess(SDE):
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.marginal_coefficients(t)
 
+    def marginal_rates(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.marginal_rates(t)
+
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.sde(x, t)
+
+    def probability_flow_velocity(
+        self, model: Any, x: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """f - g^2 s / 2 (the reverse SDE of eq. 4 without its noise) from the score: the marginals are not Gaussian, so
+        the base's alpha' x0 + sigma' eps form does not hold."""
+        return self.reverse(model, probability_flow=True).sde(x, t)[0]
 
     def prior_std(self) -> float:
         return self.base.prior_std()

@@ -17,16 +17,43 @@ import abc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from diffusion_lab import schedules
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.processes.base import ForwardProcess
+from diffusion_lab.processes.base import (
+    LINEAR_MEAN,
+    NOISY_AT_ZERO,
+    ForwardProcess,
+    declare_capability,
+)
 from diffusion_lab.sample_streams import rand, randn
 from diffusion_lab.utils import append_dims, time_dtype
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+GAUSSIAN = declare_capability(
+    "gaussian_sde",
+    "has Gaussian marginals alpha(t) x0 + sigma(t) z (VE, VP, sub-VP, flow matching)",
+)
+HAS_SDE = declare_capability(
+    "sde",
+    "has a forward SDE dx = f dt + g dW, finite on [0, 1], whose reverse SDE a learned score "
+    "drives (VE, VP, sub-VP, FP embedding)",
+)
+PROBABILITY_FLOW = declare_capability(
+    "probability_flow",
+    "has a probability-flow ODE a learned model drives (VE, VP, sub-VP, flow matching, FP "
+    "embedding)",
+)
+INVERTIBLE_MEAN = declare_capability(
+    "invertible_mean",
+    "has an invertible mean, alpha(t) > 0 on all of [0, 1] (VE, VP, sub-VP; not a flow, whose "
+    "alpha(1) = 0)",
+)
+UNIT_MEAN = declare_capability("unit_mean", "keeps the mean at x0 (alpha(t) = 1: a VE process)")
 PRIORS = ("gaussian", "uniform")
 
 
@@ -78,7 +105,7 @@ class SDE(ForwardProcess):
     the discrete level grid and the network's noise label; the rest is shared.
     """
 
-    provides = frozenset({"gaussian_sde", "sde", "linear_mean"})
+    provides = frozenset({GAUSSIAN, HAS_SDE, PROBABILITY_FLOW, LINEAR_MEAN, INVERTIBLE_MEAN})
     #: Default variance of ``ancestral_step`` (DDPM's transition variance for VP; SMLD's posterior).
     ancestral_variance = "transition"
 
@@ -87,8 +114,27 @@ class SDE(ForwardProcess):
         """(alpha(t), sigma(t)) such that x(t) | x(0) ~ N(alpha x(0), sigma^2 I)."""
 
     @abc.abstractmethod
+    def marginal_rates(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha'(t), sigma'(t)), the time derivatives of ``marginal_coefficients``."""
+
+    @abc.abstractmethod
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drift f(x, t) (shaped like x) and diffusion g(t) (shape (B,))."""
+
+    def probability_flow_velocity(
+        self, model: Any, x: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """dx/dt of the probability flow at (x, t) for ``model`` (a sampler's
+        ``CountingModel``): alpha' x0_hat + sigma' eps_hat, from ``model.predictions``.
+
+        This is f - g^2 s / 2 (Khungurn sec. 7.3.3) written with the marginal's rates: for a
+        linear SDE f = (alpha'/alpha) x and g^2 = 2 sigma sigma' - 2 (alpha'/alpha) sigma^2, and
+        x = alpha x0 + sigma eps, s = -eps / sigma. Unlike f and g, it stays finite where
+        alpha = 0 (the end t = 1 of a flow-matching path, ``processes.flow``).
+        """
+        x0_hat, eps_hat = model.predictions(x, t)
+        rate_alpha, rate_sigma = self.marginal_rates(t)
+        return append_dims(rate_alpha, x.ndim) * x0_hat + append_dims(rate_sigma, x.ndim) * eps_hat
 
     @abc.abstractmethod
     def prior_std(self) -> float:
@@ -176,12 +222,20 @@ class SDE(ForwardProcess):
         if variance == "transition":
             return mean, b
         if variance == "posterior":
-            _, sigma_prev = self.marginal_coefficients(t_prev)
-            _, sigma = self.marginal_coefficients(t)
-            return mean, b * sigma_prev / sigma
+            return mean, self.posterior_std(t, t_prev)
         raise ConfigError(
             f"unknown ancestral variance {variance!r}: use 'transition' or 'posterior'"
         )
+
+    def posterior_std(self, t: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
+        """The std of q(x(t_prev) | x(t), x(0)) for t_prev < t: b sigma(t_prev) / sigma(t), b the
+        transition's std (DDIM's sigma_t at eta = 1, Song et al. 2020 eq. 16), written as
+        sigma_prev sqrt(1 - (a sigma_prev / sigma)^2) with a = alpha / alpha_prev, so that it
+        stays finite where alpha(t) = 0 (a flow's t = 1)."""
+        alpha_prev, sigma_prev = self.marginal_coefficients(t_prev)
+        alpha, sigma = self.marginal_coefficients(t)
+        kept = alpha * sigma_prev / (alpha_prev * sigma)
+        return sigma_prev * (1 - kept**2).clamp(min=0).sqrt()
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """Tweedie's estimate E[x(0) | x(t)] = (x + sigma^2 score) / alpha (the final denoising step)."""
@@ -235,7 +289,7 @@ class VESDE(SDE):
     data range).
     """
 
-    provides = SDE.provides | {"unit_mean", "noisy_at_zero"}
+    provides = SDE.provides | {UNIT_MEAN, NOISY_AT_ZERO}
     ancestral_variance = "posterior"
     native_conditioning = "sigma"
 
@@ -275,6 +329,10 @@ class VESDE(SDE):
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_sigma, _ = self._log_sigma(t)
         return torch.ones_like(t), log_sigma.exp()
+
+    def marginal_rates(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_sigma, dlog_sigma_dt = self._log_sigma(t)
+        return torch.zeros_like(t), log_sigma.exp() * dlog_sigma_dt
 
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_sigma, dlog_sigma_dt = self._log_sigma(t)
@@ -352,6 +410,13 @@ class VPSDE(SDE):
         log_alpha_bar, _ = self.log_alpha_bar(t)
         return (0.5 * log_alpha_bar).exp(), (-torch.expm1(log_alpha_bar)).sqrt()
 
+    def marginal_rates(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha' = -beta alpha / 2 and sigma' = beta alpha_bar / (2 sigma)."""
+        log_alpha_bar, beta = self.log_alpha_bar(t)
+        alpha_bar = log_alpha_bar.exp()
+        sigma = (-torch.expm1(log_alpha_bar)).sqrt()
+        return -0.5 * beta * alpha_bar.sqrt(), beta * alpha_bar / (2 * sigma)
+
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, beta = self.log_alpha_bar(t)
         return -0.5 * append_dims(beta, x.ndim) * x, beta.sqrt()
@@ -376,6 +441,12 @@ class SubVPSDE(VPSDE):
     def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_alpha_bar, _ = self.log_alpha_bar(t)
         return (0.5 * log_alpha_bar).exp(), -torch.expm1(log_alpha_bar)
+
+    def marginal_rates(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha' as VP's and sigma' = beta alpha_bar."""
+        log_alpha_bar, beta = self.log_alpha_bar(t)
+        alpha_bar = log_alpha_bar.exp()
+        return -0.5 * beta * alpha_bar.sqrt(), beta * alpha_bar
 
     def sde(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_alpha_bar, beta = self.log_alpha_bar(t)

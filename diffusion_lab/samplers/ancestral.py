@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.config_types import PositiveInt
-from diffusion_lab.processes.sde import SDE
+from diffusion_lab.processes.sde import GAUSSIAN, INVERTIBLE_MEAN, SDE
 from diffusion_lab.samplers.base import (
     CountingModel,
     Model,
@@ -23,7 +23,7 @@ from diffusion_lab.samplers.grids import level_grid
 from diffusion_lab.utils import append_dims, batch_time
 
 
-@sampler(time_grid="levels")
+@sampler(requires=(GAUSSIAN, INVERTIBLE_MEAN), time_grid="levels")
 @torch.no_grad()
 def ancestral(
     model: Model,

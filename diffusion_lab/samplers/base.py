@@ -26,15 +26,21 @@ from tqdm.auto import tqdm
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.processes.base import CAPABILITIES, ForwardProcess
 from diffusion_lab.sample_streams import Generator, randn
-from diffusion_lab.samplers.grids import continuous_grid, level_grid, sampling_times
-from diffusion_lab.utils import batch_time, time_dtype
+from diffusion_lab.samplers.grids import TIME_GRIDS, declare_time_grid
+from diffusion_lab.utils import append_dims, batch_time, time_dtype
 
 StepCallback = Callable[[dict], None]
 #: A model: ``model(x, t) -> score``, optionally with ``model.denoised(x, t) -> x0_hat``.
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: How a sampler reads ``steps``: levels of the process, a continuous grid, none (adaptive), or
-#: a grid of its ``grid`` option (``samplers.grids``: levels, uniform, log-SNR, Karras).
-TIME_GRIDS = ("levels", "continuous", "adaptive", "choice")
+
+
+@declare_time_grid("adaptive")
+def _check_adaptive(name: str, process: ForwardProcess, options: Mapping[str, object]) -> None:
+    """An adaptive solver chooses its own steps."""
+    if options["steps"] is not None:
+        raise ConfigError(
+            f"sampler {name} chooses its own steps (set its rtol / atol): leave sampler.steps null"
+        )
 
 
 @dataclass
@@ -71,6 +77,22 @@ class CountingModel:
             return own(x, t)
         return self.process.denoise(x, t, self(x, t))
 
+    def predictions(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) from one evaluation: the model's own (``ScoreModel.predictions``),
+        else eps from its ``denoised`` (eps = (x - mean(x0_hat)) / sigma), else both from the
+        score (eps = -sigma s and Tweedie)."""
+        t = batch_time(t, x)
+        own = getattr(self.model, "predictions", None)
+        if own is not None:
+            self.nfe += 1
+            return own(x, t)
+        sigma = append_dims(self.process.std(t), x.ndim).to(x.dtype)
+        if getattr(self.model, "denoised", None) is not None:
+            x0 = self.denoised(x, t)
+            return x0, (x - self.process.mean(x0, t)) / sigma
+        score = self(x, t)
+        return self.process.denoise(x, t, score), -sigma * score
+
 
 class ModelAtDtype:
     """``model`` called with its inputs cast to ``dtype`` (the dtype the sampler was given), so
@@ -81,6 +103,8 @@ class ModelAtDtype:
         self.model, self.dtype = model, dtype
         if getattr(model, "denoised", None) is not None:
             self.denoised = lambda x, t: model.denoised(x.to(dtype), t)
+        if getattr(model, "predictions", None) is not None:
+            self.predictions = lambda x, t: model.predictions(x.to(dtype), t)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.dtype), t)
@@ -112,7 +136,7 @@ def sampler(
     option_requires: Mapping[str, Mapping[object, Iterable[str]]] | None = None,
 ) -> Callable[[Callable[..., SampleResult]], Callable[..., SampleResult]]:
     """Mark a sampler with the process capabilities it needs and how it reads ``steps``
-    (``TIME_GRIDS``), for :func:`check_sampler`; it keeps its input's dtype
+    (a kind of ``samplers.grids.TIME_GRIDS``), for :func:`check_sampler`; it keeps its input's dtype
     (:func:`keep_input_dtype`). ``option_requires`` adds what one value of an option needs,
     e.g. ``{"predictor": {"ancestral": ("gaussian_sde",)}}``."""
     option_requires = {
@@ -154,21 +178,9 @@ def check_sampler(sample: Callable[..., SampleResult], process: ForwardProcess) 
             f"sampler {name} needs a process that {CAPABILITIES[missing[0]]}; "
             f"{type(process).__name__} is not one: choose another sampler or process"
         )
-    steps = options["steps"]
     grid = getattr(fn, "time_grid", None)
-    if grid == "adaptive" and steps is not None:
-        raise ConfigError(
-            f"sampler {name} chooses its own steps (set its rtol / atol): leave sampler.steps null"
-        )
-    if grid == "levels":
-        level_grid(process, steps, options.get("spacing", "linspace"))
-    if grid == "choice":
-        sampling_times(process, steps, options["grid"], options["spacing"], options["rho"],
-                       options["t_min"])  # fmt: skip
-    if grid == "continuous":
-        if steps is None:
-            raise ConfigError(f"sampler {name} needs a number of steps: set sampler.steps")
-        continuous_grid(steps, options["eps"])
+    if grid is not None:
+        TIME_GRIDS[grid](name, process, options)
 
 
 def initial_state(

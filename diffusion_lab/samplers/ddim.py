@@ -45,9 +45,11 @@ def ddim(
 
     In the VP case alpha = sqrt(abar), sigma = sqrt(1 - abar), and
     s_eta = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev) (eq. 16), which is eta
-    times the posterior std of ``process.ancestral_step``. eta = 0 is deterministic; eta = 1 is
-    DDPM with the posterior variance. x0_hat and eps_hat come from the score by Tweedie:
-    eps_hat = -sigma s, x0_hat = (x - sigma eps_hat) / alpha.
+    times the posterior std (``process.posterior_std``). eta = 0 is deterministic; eta = 1 is
+    DDPM with the posterior variance. x0_hat and eps_hat are the model's ``predictions`` (for a
+    plain score, by Tweedie: eps_hat = -sigma s, x0_hat = (x - sigma eps_hat) / alpha); nothing
+    divides by alpha(t), so a flow (alpha(1) = 0) is sampled from t = 1 (where DDIM with eta = 0
+    is Euler's step in t on the linear path).
 
     The times are ``grids.sampling_times`` (``grid``: the process's levels by default, or
     uniform, log-SNR, Karras), then t = 0; where t = 0 still carries noise (VE) the step there
@@ -65,13 +67,9 @@ def ddim(
     for k, t, t_next in step_pairs(times, progress, "ddim"):
         t_b = batch_time(t, x)
         t_prev = batch_time(t_next, x)
-        s = score(x, t_b)
-        sigma = process.std(t_b)
+        x0_hat, eps_hat = score.predictions(x, t_b)
         alpha_prev, sigma_prev = process.marginal_coefficients(t_prev)
-        eps_hat = -append_dims(sigma, x.ndim) * s
-        x0_hat = process.denoise(x, t_b, s)
-        _, posterior_std = process.ancestral_step(x, t_b, t_prev, s, "posterior")
-        s_eta = eta * posterior_std
+        s_eta = eta * process.posterior_std(t_b, t_prev)
         direction = (sigma_prev**2 - s_eta**2).clamp(min=0).sqrt()
         x = append_dims(alpha_prev, x.ndim) * x0_hat + append_dims(direction, x.ndim) * eps_hat
         if eta > 0 and noisy[k + 1]:  # also into VE's noisy t = 0, where Tweedie follows

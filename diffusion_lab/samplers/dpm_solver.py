@@ -31,7 +31,10 @@ order 1 and 2 (no longer history), which bound its global order at 2 as the refe
 warm-up does (measured on a Gaussian: closer to the exact flow than 2M on VE and sub-VP at 35
 steps, not on VP); the ODE solver only. The grid ends with the step to the clean image (sigma = 0, h = infinity),
 where both reduce to x = x0_{N-1}: that step is of order 1 (``lower_order_final`` in the
-reference code, here always, as the second-order weight 1 / (2 r) vanishes there). N grid times
+reference code, here always, as the second-order weight 1 / (2 r) vanishes there). A flow
+starts where alpha = 0 (``processes.flow``): lambda = -infinity is a value, the first step has
+h = infinity and e^{-h} = 0 (x_1 = sigma_1 x_0 + alpha_1 x0_0, DDIM's step), and the step after
+it is of order 1 as well (r = infinity: its history is infinitely far in lambda). N grid times
 cost N evaluations. Soft Diffusion's process has no scalar alpha: these need ``gaussian_sde``.
 """
 
@@ -96,7 +99,7 @@ def dpm_solver_pp(
     score = CountingModel(model, process)
     times = sampling_times(process, steps, grid, spacing, rho, t_min)
     alphas, sigmas = (c.double().tolist() for c in process.marginal_coefficients(times))
-    lambdas = [math.log(a / s) for a, s in zip(alphas, sigmas)]
+    lambdas = [math.log(a) - math.log(s) if a > 0 else -math.inf for a, s in zip(alphas, sigmas)]
     x = initial_state(process, x_or_shape, generator)
     trajectory = [] if return_trajectory else None
     history: list[tuple[torch.Tensor, float]] = []  # (x0_j, h_j) of the last steps, newest last

@@ -3,16 +3,22 @@ the stochastic sampler (Alg. 2), for every process with Gaussian marginals.
 
 In the coordinates x~ = x / alpha(t) with noise level r = sigma(t) / alpha(t) (``grids.noise_
 ratio``), the probability flow of any such process is Karras et al. eq. 3 with s = 1,
-dx~/dr = (x~ - D(x~; r)) / r, D the clean-image estimate (the model's ``denoised`` at the time
-of r), so VE, VP and sub-VP share one loop: the process enters only through alpha(t),
-sigma(t) and the grid. Euler's step is DDIM's with eta = 0 (the same update in other
-coordinates; a test). The last step goes to r = 0, where x~ is D itself (Alg. 1, line 7 skips
-the correction there), so N grid times cost N evaluations for Euler and 2N - 1 for Heun.
+dx~/dr = (x~ - D(x~; r)) / r = eps, D the clean-image estimate and eps the noise estimate (the
+model's ``predictions`` at the time of r), so VE, VP, sub-VP and the flows share one loop: the
+process enters only through alpha(t), sigma(t) and the grid. The state is kept in x itself,
+where the steps need no division by alpha: Euler's step from r to r' is
+x' = alpha' D + sigma' eps, DDIM's with eta = 0 (a test), and Heun's correction adds
+alpha' (r' - r) (eps' - eps) / 2 = (sigma' - alpha' r) (eps' - eps) / 2, eps' at Euler's x'.
+On a flow the first step starts at r = infinity (alpha(1) = 0), where the correction's
+(r' - r) is infinite: that step is Euler's, exact in its first order since D at t = 1 is the
+data mean whatever x. The last step goes to r = 0, where x is D itself (Alg. 1, line 7 skips
+the correction there), so N grid times cost N evaluations for Euler and 2N - 1 for Heun
+(2N - 2 on a flow).
 
 Alg. 2 raises the noise before each step: gamma_i = min(S_churn / N, sqrt 2 - 1) for r_i in
 [S_tmin, S_tmax], r^ = r_i (1 + gamma_i), x^ = x~ + sqrt(r^2 - r_i^2) S_noise eps, then one
-Heun step from r^ to r_{i+1}. Here r^ is capped at r(1) (the process is not defined past
-t = 1). Soft Diffusion's process has no scalar alpha (its mean is an operator on x_0), so
+Heun step from r^ to r_{i+1}; in x, x^ = (alpha^ / alpha) x + alpha^ sqrt(r^2 - r_i^2) S_noise
+eps. Here r^ is capped at r(1) (the process is not defined past t = 1). Soft Diffusion's process has no scalar alpha (its mean is an operator on x_0), so
 these samplers need ``gaussian_sde``; its own Momentum samplers serve it (``samplers.soft``).
 """
 
@@ -36,22 +42,15 @@ from diffusion_lab.samplers.base import (
     sampler,
     step_pairs,
 )
-from diffusion_lab.samplers.grids import noise_ratio, sampling_times, time_of_ratio
+from diffusion_lab.samplers.grids import sampling_times, time_of_ratio
 from diffusion_lab.utils import batch_time
 
 
-def _alpha(process: SDE, t: float) -> float:
-    """alpha(t), computed on the host (float64): reading it back from the device made the host
-    wait for the device at every evaluation."""
-    return float(process.marginal_coefficients(torch.tensor([t], dtype=torch.float64))[0])
-
-
-def _derivative(
-    score: CountingModel, process: SDE, x: torch.Tensor, t: float, ratio: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx~/dr = (x~ - D) / r at x~ (Karras et al. eq. 3) and D, from one evaluation at time t."""
-    denoised = score.denoised(_alpha(process, t) * x, batch_time(t, x))
-    return (x - denoised) / ratio, denoised
+def _coefficients(process: SDE, times: list[float]) -> list[tuple[float, float]]:
+    """(alpha, sigma) at each time, computed on the host (float64): reading them back from the
+    device made the host wait for the device at every evaluation."""
+    alphas, sigmas = process.marginal_coefficients(torch.tensor(times, dtype=torch.float64))
+    return list(zip(alphas.tolist(), sigmas.tolist()))
 
 
 @sampler(time_grid="choice")
@@ -76,31 +75,38 @@ def edm_sampler(
     progress: bool = True,
 ) -> SampleResult:
     """Karras et al. Alg. 2; with S_churn = 0 Alg. 1 (Heun), and without the correction
-    (``second_order=False``) Euler. NFE = steps for Euler, 2 steps - 1 for Heun."""
+    (``second_order=False``) Euler. NFE = steps for Euler, 2 steps - 1 for Heun (2 steps - 2
+    on a flow, whose first step, from r = infinity, is Euler's)."""
     score = CountingModel(model, process)
-    times = sampling_times(process, steps, grid, spacing, rho, t_min)
-    ratios = torch.cat([noise_ratio(process, times), torch.zeros(1)]).tolist()
+    times = sampling_times(process, steps, grid, spacing, rho, t_min).tolist()
+    marginals = _coefficients(process, times)
+    ratio_max = marginals[0][1] / marginals[0][0] if marginals[0][0] > 0 else math.inf
     x = initial_state(process, x_or_shape, generator)
-    x = x / _alpha(process, float(times[0]))
-    times_next = torch.cat([times, torch.zeros(1)])
     trajectory = [] if return_trajectory else None
     gamma_max = min(s_churn / len(times), math.sqrt(2) - 1)
-    for i, _, _ in step_pairs(times_next, progress, "edm"):
-        t, r, r_next = float(times[i]), ratios[i], ratios[i + 1]
+    for i, _, _ in step_pairs(torch.tensor([*times, 0.0]), progress, "edm"):
+        t, (alpha, sigma) = times[i], marginals[i]
+        r = sigma / alpha if alpha > 0 else math.inf
         gamma = gamma_max if s_tmin <= r <= s_tmax else 0.0
-        r_hat = min(r * (1 + gamma), ratios[0])
-        if r_hat > r:
+        r_hat = min(r * (1 + gamma), ratio_max)
+        if r_hat > r:  # Alg. 2 lines 5-6 in x = alpha x~: x~ + sqrt(r^2 - r_i^2) S_noise eps
             t = float(time_of_ratio(process, torch.tensor([r_hat], dtype=torch.float64)))
-            x = x + math.sqrt(r_hat**2 - r**2) * s_noise * gaussian_like(x, generator)
-        d, denoised = _derivative(score, process, x, t, r_hat)
-        x_next = x + (r_next - r_hat) * d
-        if second_order and r_next > 0:
-            d_next, _ = _derivative(score, process, x_next, float(times[i + 1]), r_next)
-            x_next = x + (r_next - r_hat) * (d + d_next) / 2
-        x = x_next
-        t_next = float(times_next[i + 1])
-        report(callback, trajectory, x=_alpha(process, t_next) * x, t=t_next, step=i,
-               denoised=denoised)  # fmt: skip
+            alpha_hat, sigma_hat = _coefficients(process, [t])[0]
+            noise = alpha_hat * math.sqrt(r_hat**2 - r**2) * s_noise
+            x = (alpha_hat / alpha) * x + noise * gaussian_like(x, generator)
+            alpha, sigma, r = alpha_hat, sigma_hat, r_hat
+        denoised, eps = score.predictions(x, batch_time(t, x))
+        if i == len(times) - 1:  # to r = 0: x~ = D (Alg. 1 line 7 skips the correction)
+            x = denoised
+        else:
+            alpha_next, sigma_next = marginals[i + 1]
+            x_next = alpha_next * denoised + sigma_next * eps
+            if second_order and alpha > 0:  # the mean of eps at both ends (Alg. 1 line 8)
+                _, eps_next = score.predictions(x_next, batch_time(times[i + 1], x))
+                x_next = x_next + (sigma_next - alpha_next * r) / 2 * (eps_next - eps)
+            x = x_next
+        t_next = times[i + 1] if i + 1 < len(times) else 0.0
+        report(callback, trajectory, x=x, t=t_next, step=i, denoised=denoised)
     return SampleResult(x, score.nfe, trajectory or [])
 
 

@@ -17,6 +17,11 @@ Grids (``GRIDS``):
 - ``karras``: the rho-schedule of Karras et al. eq. 5 on the ratio,
   (r_max^(1/rho) + i / (N - 1) (r_min^(1/rho) - r_max^(1/rho)))^rho, rho = 7.
 
+A flow (``processes.flow``) ends in pure noise: alpha(1) = 0, the ratio at t = 1 is infinite
+and lambda = -infinity there, a value the solvers take (their first step is then DDIM's, the
+exact step from a point that holds nothing of x_0 but its mean); the log-SNR and Karras ramps
+start from ``INFINITE_RATIO_START`` instead, with t_0 = 1 kept.
+
 The ratio is strictly increasing in t for VE, VP and sub-VP; a time with a given ratio (for
 the non-level grids and the stochastic EDM sampler's raised noise) is found by bisection in
 float64 to a relative 1e-12, so every grid serves every process without per-process formulas.
@@ -25,6 +30,7 @@ float64 to a relative 1e-12, so every grid serves every process without per-proc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -34,6 +40,26 @@ from diffusion_lab.processes.sde import SDE
 
 GRIDS = ("levels", "uniform", "logsnr", "karras")
 BISECTION_STEPS = 64
+#: The ratio the log-SNR and Karras grids start from where r(1) is infinite (a flow, alpha(1) =
+#: 0): Karras et al.'s sigma_max (sec. 5); the grid itself still starts at t = 1.
+INFINITE_RATIO_START = 80.0
+
+#: A check of a sampler's options: (sampler name, process, options) -> None or a ConfigError.
+GridCheck = Callable[[str, ForwardProcess, Mapping[str, object]], None]
+#: How samplers read ``steps`` (their ``time_grid``): each kind is declared with
+#: :func:`declare_time_grid` next to the code that makes its grid, with the check
+#: ``samplers.base.check_sampler`` runs when a run is built.
+TIME_GRIDS: dict[str, GridCheck] = {}
+
+
+def declare_time_grid(name: str) -> Callable[[GridCheck], GridCheck]:
+    """Register the decorated check as time-grid kind ``name``."""
+
+    def register(check: GridCheck) -> GridCheck:
+        TIME_GRIDS[name] = check
+        return check
+
+    return register
 
 
 SPACINGS = ("trailing", "leading", "linspace", "quadratic")
@@ -81,6 +107,12 @@ def level_grid(
     return times
 
 
+@declare_time_grid("levels")
+def _check_levels(name: str, process: ForwardProcess, options: Mapping[str, object]) -> None:
+    """The process's levels (:func:`level_grid`), ``steps`` of them (None: all)."""
+    level_grid(process, options["steps"], options.get("spacing", "linspace"))  # type: ignore[arg-type]
+
+
 def rounded_ratio(numerator: int, denominator: int) -> int:
     """numerator / denominator rounded to the nearest integer, halves to even (as
     ``torch.round``), in exact integer arithmetic: no float step decides an index."""
@@ -97,6 +129,14 @@ def continuous_grid(steps: int, eps: float) -> torch.Tensor:
     if not 0 < eps < 1:
         raise ConfigError(f"sampler eps must lie in (0, 1), got {eps}")
     return torch.linspace(1.0, eps, steps + 1)
+
+
+@declare_time_grid("continuous")
+def _check_continuous(name: str, process: ForwardProcess, options: Mapping[str, object]) -> None:
+    """``steps`` uniform steps from 1 to ``eps`` (:func:`continuous_grid`)."""
+    if options["steps"] is None:
+        raise ConfigError(f"sampler {name} needs a number of steps: set sampler.steps")
+    continuous_grid(options["steps"], options["eps"])  # type: ignore[arg-type]
 
 
 def noise_ratio(process: SDE, t: torch.Tensor) -> torch.Tensor:
@@ -123,6 +163,13 @@ def smallest_noisy_time(process: SDE) -> float:
     levels = process.level_times()
     noisy = levels[process.std(levels) > 0]
     return float(noisy.min())
+
+
+@declare_time_grid("choice")
+def _check_choice(name: str, process: ForwardProcess, options: Mapping[str, object]) -> None:
+    """A grid of the sampler's ``grid`` option (:func:`sampling_times`)."""
+    sampling_times(process, options["steps"], options["grid"], options["spacing"],  # type: ignore[arg-type]
+                   options["rho"], options["t_min"])  # fmt: skip
 
 
 def sampling_times(
@@ -152,6 +199,7 @@ def sampling_times(
     if grid == "uniform":
         return torch.linspace(1.0, t_min, steps)
     r_max, r_min = noise_ratio(process, ends).tolist()
+    r_max = INFINITE_RATIO_START if math.isinf(r_max) else r_max
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     if grid == "logsnr":
         ratios = torch.tensor(r_max).pow(1 - ramp) * torch.tensor(r_min).pow(ramp)

@@ -1,4 +1,5 @@
-"""The probability-flow ODE dx/dt = f - g^2 s / 2 (Khungurn sec. 7.3.3) by scipy's solve_ivp."""
+"""The probability-flow ODE dx/dt = f - g^2 s / 2 (Khungurn sec. 7.3.3) by scipy's solve_ivp;
+for Gaussian marginals written alpha' x0_hat + sigma' eps_hat, which a flow shares."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from diffusion_lab.config_types import PositiveInt
-from diffusion_lab.processes.sde import SDE
+from diffusion_lab.processes.sde import PROBABILITY_FLOW, SDE
 from diffusion_lab.samplers.base import (
     CountingModel,
     Model,
@@ -67,16 +68,17 @@ def solve_probability_flow(
     atol: float = 1e-5,
     method: str = "RK45",
 ) -> torch.Tensor:
-    """Integrate the probability flow from ``t_start`` to ``t_end`` (either direction)."""
-    flow = process.reverse(score, probability_flow=True)
+    """Integrate the probability flow from ``t_start`` to ``t_end`` (either direction), its
+    velocity ``process.probability_flow_velocity`` (alpha' x0_hat + sigma' eps_hat where the
+    marginals are Gaussian, finite at a flow's t = 1)."""
 
     def velocity(t: float, state: torch.Tensor) -> torch.Tensor:
-        return flow.sde(state, batch_time(t, state))[0]
+        return process.probability_flow_velocity(score, state, batch_time(t, state))
 
     return integrate(velocity, x, t_start, t_end, rtol, atol, method)
 
 
-@sampler(requires=("sde",), time_grid="adaptive")
+@sampler(requires=(PROBABILITY_FLOW,), time_grid="adaptive")
 @torch.no_grad()
 def probability_flow(
     model: Model,
