@@ -44,7 +44,11 @@ VARIANTS: dict[str, list[str]] = {
     "v-prediction": ["method.parameterization=v"],
     "min-SNR-5 weighting": ["loss.weighting=min_snr"],
     "EDM preconditioning and loss": ["method.parameterization=edm", "loss=edm"],
-}
+    "flow matching (linear path)": ["process=flow", "method.parameterization=velocity",
+                                    "loss=flow_matching"],
+    "flow matching, dpm_solver_pp 20": ["process=flow", "method.parameterization=velocity",
+                                        "loss=flow_matching", "sampler=dpm_solver_pp"],
+}  # fmt: skip
 KEYS = ("fid_digits", "coverage_confident_fraction", "coverage_classes_present", "coverage_balance",
         "nfe")  # fmt: skip
 

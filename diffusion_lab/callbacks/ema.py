@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
@@ -50,6 +53,21 @@ class WarmupEMA(WeightAveraging):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         super().on_validation_epoch_end(trainer, pl_module)
         self.swapped = False
+
+    @contextmanager
+    def averaged_weights(self, pl_module) -> Iterator[None]:
+        """The averaged weights in the model inside the block (as during a validation), the
+        trained ones back after it; nothing to swap before the first update."""
+        if self._average_model is None or self.swapped:
+            yield
+            return
+        self._swap_models(pl_module)
+        self.swapped = True
+        try:
+            yield
+        finally:
+            self._swap_models(pl_module)
+            self.swapped = False
 
     def restore_training_weights(self, pl_module) -> None:
         """Put the trained weights back if a validation stopped with the EMA ones swapped in,

@@ -139,24 +139,43 @@ class GaussianMixture:
         resp = torch.softmax(terms, dim=1)
         return (-(resp / var)[:, :, None] * diff).sum(1).to(x.dtype)
 
-    def score_fn(self, process: object):
-        """A ``score(x, t)`` callable for a process with ``marginal_prob(x0, t) -> (mean, std)``.
+    def denoised(self, x: torch.Tensor, alpha: TensorLike, sigma: TensorLike) -> torch.Tensor:
+        """E[x_0 | x_t = x] (B, D) = sum_k p(k | x) (mu_k + alpha s_k^2 / v_k (x - alpha mu_k)):
+        each component's Gaussian posterior mean, finite where alpha = 0 (it is the mixture's
+        mean there, p(k | x) = w_k)."""
+        terms, diff, var = self._component_terms(x, alpha, sigma)
+        resp = torch.softmax(terms, dim=1)
+        alpha = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).reshape(-1, 1, 1)
+        gain = (self.stds.to(x.device) ** 2 / var)[:, :, None] * alpha
+        posterior = self.means.to(x.device)[None] + gain * diff
+        return (resp[:, :, None] * posterior).sum(1).to(x.dtype)
 
-        alpha(t) is read off as ``marginal_prob(ones, t)[0]`` (the mean is alpha x0 for VE/VP/sub-VP).
-        """
-
-        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            mean, std = process.marginal_prob(torch.ones_like(x), t)  # type: ignore[attr-defined]
-            b = x.shape[0]
-            alpha = torch.as_tensor(mean).reshape(b, -1)[:, 0]
-            std = torch.as_tensor(std, device=x.device)
-            sigma = std.expand(b) if std.ndim == 0 else std.reshape(b, -1)[:, 0]
-            return self.score(x, alpha, sigma)
-
-        return fn
+    def score_fn(self, process: object) -> ExactModel:
+        """The exact ``score(x, t)`` under a process with Gaussian marginals alpha(t) x0 +
+        sigma(t) z (``marginal_coefficients``), with the exact ``denoised(x, t)`` as well."""
+        return ExactModel(self, process)
 
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.num_components}, D={self.dim})"
+
+
+class ExactModel:
+    """A mixture's exact model under ``process``: called, the score; ``denoised``, E[x_0 | x_t]
+    (which a sampler reads instead of Tweedie's formula, finite where alpha(t) = 0)."""
+
+    def __init__(self, mixture: GaussianMixture, process: object) -> None:
+        self.mixture, self.process = mixture, process
+
+    def _coefficients(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        alpha, sigma = self.process.marginal_coefficients(t)  # type: ignore[attr-defined]
+        return alpha, sigma
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.mixture.score(x, *self._coefficients(x, t))
+
+    def denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.mixture.denoised(x, *self._coefficients(x, t))
 
 
 class SampleOnly2D:

@@ -37,7 +37,7 @@ class EDMLoss:
         if "gaussian_sde" not in process.provides:
             raise ConfigError(
                 f"loss=edm draws noise levels sigma / alpha, which {type(process).__name__} "
-                "does not have: use it with process=ve, vp or subvp"
+                "does not have: use it with process=ve, vp, subvp or flow"
             )
         drawn = (self.p_mean + self.p_std * torch.randn(x0.shape[0], device=x0.device)).exp()
         t = time_of_ratio(process, drawn).to(x0.dtype)

@@ -245,6 +245,15 @@ class DiffusionMethod(TrainingModule):
         """Samples number ``indices`` in data range with the current weights, on this module's
         device; returns (samples, NFE). Sample i takes all its noise from its own stream, seeded
         from (``sample_seed``, i) (``sample_streams``), so it is the same in any batch."""
+        _, result = self.sample_from_prior(indices, sample_shape, **sampler_options)
+        return self.to_data_range(result.samples), result.nfe
+
+    @torch.no_grad()
+    def sample_from_prior(
+        self, indices: range, sample_shape: Sequence[int], **sampler_options: Any
+    ) -> tuple[torch.Tensor, SampleResult]:
+        """The prior draws of samples number ``indices`` and the sampler's result from them,
+        in model range (:meth:`draw`)."""
         streams = SampleStreams(self.sample_seed, indices, self.device)
         shape = (len(indices), *sample_shape)
         x_init = self.process.prior_sampling(shape, generator=streams, device=self.device)
@@ -255,10 +264,10 @@ class DiffusionMethod(TrainingModule):
         self.eval()
         with self.autocast(), self.model.conditioned(*self.sample_classes(indices)):
             result = self.sampler(
-                self.model, self.process, x_init, generator=streams, **sampler_options
+                self.model, self.process, x_init.clone(), generator=streams, **sampler_options
             )
         self.train(was_training)
-        return self.to_data_range(result.samples), result.nfe
+        return x_init, result
 
     def sample_classes(self, indices: range) -> tuple[torch.Tensor | None, float]:
         """The classes samples number ``indices`` are drawn for (sample i: class i mod K, so

@@ -246,6 +246,8 @@ PRECISION_RUNS = {  # the offline lines of experiments that cover the network fa
     "Soft blur": ["+experiment=soft_blur_cifar10", "data=digits", "data.image_size=16",
                   "network=ncsnpp_small", "process.blur_max=6.0"],
     "MLP on toy2d": ["+experiment=score_matching_toy2d"],
+    "Flow matching": ["+experiment=flow_matching_cifar10", "data=digits", "network=unet_small",
+                      "network.base_channels=8", "sampler=heun"],
 }  # fmt: skip
 
 

@@ -94,6 +94,7 @@ def test_denoised_of_each_parameterisation_against_a_direct_computation(name):
     t = _times(7)
     out = _Fixed()(x, process.noise_label(t))
     alpha, sigma = (c[:, None] for c in process.marginal_coefficients(t))
+    rate_alpha, rate_sigma = (c[:, None] for c in process.marginal_rates(t))
     expected = {
         "eps": (x - sigma * out) / alpha,
         "score": (x + sigma**2 * out) / alpha,
@@ -102,6 +103,8 @@ def test_denoised_of_each_parameterisation_against_a_direct_computation(name):
         "x0_residual": out + x,
         # v = alpha z - sigma x0 (Salimans & Ho 2022): alpha x - sigma v on VP
         "v": (alpha * x - sigma * out) / (alpha**2 + sigma**2),
+        # u = alpha' x0 + sigma' z (flow matching's velocity), x = alpha x0 + sigma z solved for x0
+        "velocity": (rate_sigma * x - sigma * out) / (alpha * rate_sigma - sigma * rate_alpha),
     }
     if name == "vp":
         torch.testing.assert_close(expected["v"], alpha * x - sigma * out)
@@ -155,7 +158,7 @@ def test_a_sampler_a_process_cannot_serve_stops_at_build():
         ConfigError, match="annealed_langevin needs a process that keeps noise at t = 0"
     ):
         check_sampler(functools.partial(annealed_langevin, steps=None), VPSDE())
-    with pytest.raises(ConfigError, match="ddim needs a process that is a linear SDE"):
+    with pytest.raises(ConfigError, match="ddim needs a process that has Gaussian marginals"):
         check_sampler(functools.partial(ddim, steps=10), ScalarCorruption(VPSDE()))
     with pytest.raises(ConfigError, match="steps must lie in"):
         check_sampler(functools.partial(ddim, steps=0), VPSDE())

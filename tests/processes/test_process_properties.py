@@ -146,9 +146,23 @@ def processes():
     return claimed_processes()
 
 
+class _Predictions:
+    """A model giving fixed (x0, eps) estimates and a fixed score, for the velocity check."""
+
+    def __init__(self, x0: torch.Tensor, eps: torch.Tensor, score: torch.Tensor) -> None:
+        self.x0, self.eps, self.score = x0, eps, score
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.score
+
+    def predictions(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x0, self.eps
+
+
 def test_each_declared_capability_holds(processes):
     """gaussian_sde: mean = alpha(t) x0 and std = sigma(t); linear_mean: the mean is linear in
-    x0; unit_mean: alpha = 1; noisy_at_zero: std(0) > 0; sde: a drift f x and a diffusion g."""
+    x0; unit_mean: alpha = 1; noisy_at_zero: std(0) > 0; sde: a drift f x and a diffusion g;
+    invertible_mean: alpha > 0; probability_flow: a finite velocity for t in (0, 1)."""
     t = torch.tensor([0.0, 0.013, 0.5, 0.77, 1.0], dtype=torch.float64).repeat_interleave(1)
     checked = set()
     for name, process, x0 in processes:
@@ -173,6 +187,14 @@ def test_each_declared_capability_holds(processes):
             drift, g = process.sde(x, t)
             assert drift.shape == x.shape and g.shape == t.shape, name
             assert bool(torch.isfinite(drift).all() and (g[1:] > 0).all() and g[0] >= 0), name
+        if "invertible_mean" in process.provides:
+            assert bool((process.marginal_coefficients(t)[0] > 0).all()), name
+        if "probability_flow" in process.provides:  # a finite velocity from a finite model
+            model = _Predictions(torch.zeros_like(x), torch.ones_like(x), y)
+            interior = (t > 0) & (t < 1)
+            velocity = process.probability_flow_velocity(model, x, t)
+            assert velocity.shape == x.shape, name
+            assert bool(torch.isfinite(velocity[interior]).all()), name
         checked |= process.provides
     assert checked == set(CAPABILITIES)
 
