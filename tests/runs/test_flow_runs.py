@@ -16,7 +16,7 @@ from diffusion_lab.run import offline_overrides
 
 def test_the_offline_line_trains_and_samples_with_the_default_trainer(tmp_path):
     overrides = [*offline_overrides("flow_matching_cifar10").split(), "network.base_channels=8",
-                 "trainer.max_steps=120", "method.num_eval_samples=0", "final_samples=16",
+                 "trainer.max_steps=120", "method.warmup_steps=10", "method.num_eval_samples=0", "final_samples=16",
                  "sampler.progress=false", "trainer.enable_progress_bar=false",
                  "trainer.log_every_n_steps=10"]  # fmt: skip
     result = cli.run(
@@ -28,7 +28,7 @@ def test_the_offline_line_trains_and_samples_with_the_default_trainer(tmp_path):
     metrics = json.loads((tmp_path / "final_metrics.json").read_text())
     assert metrics["num_samples"] == 16 and metrics["nfe"] > 0
     with open(tmp_path / "metrics.csv") as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        losses = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"]
     # the flow-matching loss of an untrained network is E||z - x0||^2 per pixel (about 1.7 on
     # digits in [-1, 1]); training lowers it
     assert len(losses) >= 5 and sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses

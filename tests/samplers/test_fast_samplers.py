@@ -38,9 +38,9 @@ DETERMINISTIC = {
 #: 0.007 / 0.007 / 0.020 / 0.007 / 0.011, (3M) 0.0025 / 0.012 / 0.012 / 0.006 / 0.012, 2M heun
 #: 0.009 / 0.006 / 0.026 / 0.007 / 0.011; RK45 at 1e-4 below 0.0005 with 75 / 63 / 69 / 51 / 39
 #: NFE, bound 0.01; UniPC-2 0.0026 / 0.0074 / 0.014 / 0.0020 / 0.0016, with bh1 0.0027 / 0.0032 /
-#: 0.028 / 0.0044 / 0.0054). 3M and UniPC are not in the order test: its first-order first step bounds the global
-#: order at 2 (on the Karras grid its error falls 3.0-3.5 times from 64 to 128 steps,
-#: irregularly below that).
+#: 0.028 / 0.0044 / 0.0054). 3M and UniPC are not in the order test: their lower-order first
+#: steps bound the global order (3M's error falls 3.0-3.5 times from 64 to 128 steps on the
+#: Karras grid, irregularly below that).
 FLOW_MAP_BOUND = {"euler": 0.15, "heun": 0.08, "dpm_solver_pp": 0.04, "dpm_solver_pp_3m": 0.025,
                   "dpm_solver_pp_heun": 0.06, "unipc": 0.03, "unipc_bh1": 0.06,
                   "rk45": 0.01}  # fmt: skip
