@@ -22,7 +22,10 @@ from diffusion_lab.samplers.base import check_sampler
 from diffusion_lab.utils import time_dtype
 
 SAMPLER_CONFIGS = sorted(path.stem for path in (CONF / "sampler").glob("*.yaml"))
-PROCESS_CONFIGS = ("ve", "vp", "subvp", "ve_ncsn")
+PROCESS_CONFIGS = ("ve", "vp", "subvp", "flow", "ve_ncsn")
+#: Processes ending in pure noise (alpha(1) = 0): a plain score gives no clean image there, so
+#: their model always brings its exact ``denoised``.
+FLOWS = ("flow",)
 MU, S = 0.3, 0.5  # the data: N(MU, S^2) in one dimension
 #: Generous settings: each well past where its discretisation error falls below the
 #: Monte-Carlo bound of N_SAMPLES draws (measured at 20,000 draws: within 3.3 SE).
@@ -32,6 +35,7 @@ GENEROUS = {
     "ddim": {"steps": 200},
     "dpm_solver_pp": {"steps": 100},
     "dpm_solver_pp_3m": {"steps": 100},
+    "unipc": {"steps": 100},
     "edm_stochastic": {"steps": 100},
     "euler": {"steps": 400},
     "heun": {"steps": 100},
@@ -101,8 +105,13 @@ class Recording:
         return self.score(x, t)
 
     def _denoised(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """E[x0 | x_t] = MU + alpha S^2 / v (x - alpha MU), finite where alpha = 0."""
         self.calls += 1
-        return self.process.denoise(x, t, self.score(x, t))
+        self.x_dtypes.add(x.dtype)
+        self.t_dtypes.add(t.dtype)
+        self.devices |= {x.device, t.device}
+        alpha, sigma = (c.to(x.dtype)[:, None] for c in self.process.marginal_coefficients(t))
+        return MU + alpha * S**2 / (alpha**2 * S**2 + sigma**2) * (x - alpha * MU)
 
 
 def test_the_pairs_cover_every_sampler_config():
@@ -121,11 +130,12 @@ def nfe_cases(draw: st.DrawFn) -> tuple[str, str, dict, bool]:
         options["n_steps_each"] = draw(st.integers(1, 3))
     if sampler == "pc":
         options["n_corrector_steps"] = draw(st.integers(0, 2))
-    if sampler in ("ddim", "dpm_solver_pp", "euler", "heun", "edm_stochastic"):
+    if sampler in ("ddim", "dpm_solver_pp", "dpm_solver_pp_3m", "unipc", "euler", "heun",
+                   "edm_stochastic"):  # fmt: skip
         options["grid"] = draw(st.sampled_from(["levels", "uniform", "logsnr", "karras"]))
     if sampler == "ddim":
         options["eta"] = draw(st.sampled_from([0.0, 1.0]))
-    return sampler, process, options, draw(st.booleans())
+    return sampler, process, options, process in FLOWS or draw(st.booleans())
 
 
 @given(nfe_cases())
@@ -148,7 +158,8 @@ def test_the_exact_gaussian_score_keeps_mean_and_std(sampler: str, process_name:
     generator = torch.Generator().manual_seed(0)
     x = process.prior_sampling((N_SAMPLES, 1), generator=generator).double()
     run = built("sampler", sampler)
-    samples = run(gaussian_score(process), process, x, generator=generator, progress=False,
+    model = Recording(process, with_denoised=process_name in FLOWS)
+    samples = run(model, process, x, generator=generator, progress=False,
                   **GENEROUS[sampler]).samples  # fmt: skip
     mean_error = abs(float(samples.mean()) - MU) / (S / N_SAMPLES**0.5)
     std_error = abs(float(samples.std()) - S) / (S / (2 * N_SAMPLES) ** 0.5)
@@ -168,7 +179,7 @@ def sample_on(device: str, sampler: str, process_name: str, dtype: torch.dtype):
     """``sampler`` on ``process_name`` from a prior draw in ``dtype`` on ``device``, 8 steps,
     with its trajectory: (the result, the recording model, the initial state)."""
     process = copy.deepcopy(built("process", process_name)).to(device)  # the cached one stays
-    model = Recording(process)
+    model = Recording(process, with_denoised=process_name in FLOWS)
     generator = torch.Generator(device).manual_seed(0)
     x = process.prior_sampling((64, 1), generator=generator, device=device).to(dtype)
     options = {k: v for k, v in GENEROUS[sampler].items() if k != "steps"}
@@ -243,7 +254,7 @@ def test_no_sampler_reads_a_value_back_from_the_device(sampler, process_name):
     every model evaluation, and every sampler the final denoise's sigma once. (``ode`` runs its
     solver on the host by design: scipy's solve_ivp.)"""
     process = copy.deepcopy(built("process", process_name)).to("meta")
-    model = Recording(process)
+    model = Recording(process, with_denoised=process_name in FLOWS)
     x = torch.empty(64, 1, device="meta")
     options = {k: v for k, v in GENEROUS[sampler].items() if k != "steps"}
     options["steps"] = 8
