@@ -48,8 +48,8 @@ class EpsilonLoss:
         if self.weighting == "uniform":
             return torch.ones_like(t)
         alpha, sigma = model.process.marginal_coefficients(t)
-        snr = (alpha / sigma) ** 2
-        return snr.clamp(max=self.snr_gamma) / snr
+        # min(SNR, gamma) / SNR = min(1, gamma / SNR), finite where SNR = 0 (a flow's t = 1)
+        return (self.snr_gamma * sigma**2 / alpha**2).clamp(max=1)
 
     def __call__(self, model: ScoreModel, x0: torch.Tensor) -> torch.Tensor:
         t = sample_times(model.process, x0, self.time_sampling, self.eps)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.losses.edm import EDMLoss
+from diffusion_lab.losses.epsilon import EpsilonLoss
 from diffusion_lab.losses.flow_matching import FlowMatchingLoss
 from diffusion_lab.processes.flow import FlowProcess
 from diffusion_lab.processes.sde import VPSDE
@@ -87,3 +89,33 @@ def test_every_gaussian_process_has_a_velocity_target_and_others_are_refused() -
     blur = ScoreModel(Constant(), SoftBlurProcess(num_steps=10, blur_max=2.0), "x0")
     with pytest.raises(ConfigError, match="flow_matching regresses .*SoftBlurProcess"):
         FlowMatchingLoss()(blur, torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("parameterization", "loss"),
+    [("velocity", FlowMatchingLoss()), ("v", EpsilonLoss()),
+     ("velocity", EpsilonLoss(weighting="min_snr")), ("edm", EDMLoss())],
+    ids=["flow matching", "v, L_simple", "velocity, min-SNR", "EDM"],
+)  # fmt: skip
+def test_every_parameterisation_and_loss_is_finite_on_a_flow_at_pure_noise(parameterization, loss):
+    """Two levels, t = 1/2 and t = 1 (alpha = 0): min-SNR's weight min(1, gamma / SNR) is 1
+    there (SNR = 0), v and velocity read x0 and the noise without dividing by alpha, EDM's label
+    saturates; the loss and its gradients are finite."""
+    torch.manual_seed(3)
+    network = torch.nn.Linear(2, 2).double()
+    model = ScoreModel(Wrapped(network), FlowProcess("linear", num_steps=2), parameterization)
+    value = loss(model, torch.randn(64, 2, dtype=torch.float64))
+    value.backward()
+    assert math.isfinite(float(value))
+    assert all(torch.isfinite(p.grad).all() for p in network.parameters())
+
+
+class Wrapped(torch.nn.Module):
+    """A linear map of x, shifted by the label: a network that trains."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + label.to(x.dtype)[:, None]
