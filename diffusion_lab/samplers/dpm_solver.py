@@ -59,7 +59,7 @@ from diffusion_lab.samplers.base import (
     sampler,
     step_pairs,
 )
-from diffusion_lab.samplers.grids import sampling_times
+from diffusion_lab.samplers.grids import coefficients_and_lambdas, sampling_times
 from diffusion_lab.utils import batch_time
 
 ORDERS = (1, 2, 3)
@@ -98,8 +98,7 @@ def dpm_solver_pp(
         raise ConfigError("DPM-Solver++ order 3 is the ODE solver's: use order 2 with stochastic")
     score = CountingModel(model, process)
     times = sampling_times(process, steps, grid, spacing, rho, t_min)
-    alphas, sigmas = (c.double().tolist() for c in process.marginal_coefficients(times))
-    lambdas = [math.log(a) - math.log(s) if a > 0 else -math.inf for a, s in zip(alphas, sigmas)]
+    alphas, sigmas, lambdas = coefficients_and_lambdas(process, times)
     x = initial_state(process, x_or_shape, generator)
     trajectory = [] if return_trajectory else None
     history: list[tuple[torch.Tensor, float]] = []  # (x0_j, h_j) of the last steps, newest last

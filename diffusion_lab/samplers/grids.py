@@ -145,6 +145,16 @@ def noise_ratio(process: SDE, t: torch.Tensor) -> torch.Tensor:
     return sigma / alpha
 
 
+def coefficients_and_lambdas(
+    process: SDE, times: torch.Tensor
+) -> tuple[list[float], list[float], list[float]]:
+    """alpha, sigma and lambda = log(alpha / sigma) (half the log-SNR, Lu et al. 2022) at each
+    time, on the host in float64; lambda = -infinity where alpha = 0 (a flow's t = 1)."""
+    alphas, sigmas = (c.double().tolist() for c in process.marginal_coefficients(times))
+    lambdas = [math.log(a) - math.log(s) if a > 0 else -math.inf for a, s in zip(alphas, sigmas)]
+    return alphas, sigmas, lambdas
+
+
 def time_of_ratio(process: SDE, ratio: torch.Tensor) -> torch.Tensor:
     """The times t in [0, 1] with ``noise_ratio(t) = ratio`` (clamped to the ends), by bisection."""
     target = ratio.double().log()

@@ -40,7 +40,7 @@ from diffusion_lab.samplers.base import (
     sampler,
     step_pairs,
 )
-from diffusion_lab.samplers.grids import sampling_times
+from diffusion_lab.samplers.grids import coefficients_and_lambdas, sampling_times
 from diffusion_lab.utils import batch_time
 
 VARIANTS = ("bh1", "bh2")
@@ -135,8 +135,7 @@ def unipc(
         raise ConfigError(f"UniPC variant must be one of {VARIANTS}, got {variant!r}")
     score = CountingModel(model, process)
     times = sampling_times(process, steps, grid, spacing, rho, t_min)
-    alphas, sigmas = (c.double().tolist() for c in process.marginal_coefficients(times))
-    lambdas = [math.log(a) - math.log(s) if a > 0 else -math.inf for a, s in zip(alphas, sigmas)]
+    alphas, sigmas, lambdas = coefficients_and_lambdas(process, times)
     x = initial_state(process, x_or_shape, generator)
     trajectory = [] if return_trajectory else None
     history: list[tuple[torch.Tensor, float]] = []  # (m, lambda) of the usable points
