@@ -48,6 +48,8 @@ VARIANTS: dict[str, list[str]] = {
                                     "loss=flow_matching"],
     "flow matching, dpm_solver_pp 20": ["process=flow", "method.parameterization=velocity",
                                         "loss=flow_matching", "sampler=dpm_solver_pp"],
+    "class-conditional, CFG w=2": ["network.num_classes=10", "method.label_dropout=0.1",
+                                   "method.guidance_scale=2.0"],
 }  # fmt: skip
 KEYS = ("fid_digits", "coverage_confident_fraction", "coverage_classes_present", "coverage_balance",
         "nfe")  # fmt: skip

@@ -21,7 +21,7 @@ Two settings:
   the classifier's class coverage (confidence 0.9) at NFE 5, 10, 20, 50.
 
 Usage: ``python experiments/sampler_nfe.py [--quick] [--run-dir DIR] [--skip-digits]
-[--skip-toy]`` (``--skip-toy`` / ``--skip-digits`` keep that part of the results file and redo
+[--skip-toy] [--seeds N]`` (``--skip-toy`` / ``--skip-digits`` keep that part of the results file and redo
 the other)
 (``--quick``: one seed, 4,000 samples, NFE 10 and 35, 64 digits). Writes
 ``experiments/results/sampler_nfe.json`` and ``sampler_nfe.png`` (``_quick`` with --quick).
@@ -404,11 +404,13 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, help="a trained digits DDPM run folder")
     parser.add_argument("--skip-digits", action="store_true", help="keep the digits part on file")
     parser.add_argument("--skip-toy", action="store_true", help="keep the toy2d part on file")
+    parser.add_argument("--seeds", type=int, help="toy2d seeds (default 3; --quick: 1)")
     args = parser.parse_args()
     start = time.time()
     torch.set_num_threads(2)
     name = "sampler_nfe_quick" if args.quick else "sampler_nfe"
     n, seeds, nfes = (4000, 1, [10, 35]) if args.quick else (20000, 3, NFES)
+    seeds = args.seeds or seeds
     if args.skip_toy:
         results = json.loads((RESULTS / f"{name}.json").read_text())
     else:
