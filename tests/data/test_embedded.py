@@ -122,14 +122,33 @@ def test_mixture_validation_and_general_dimension() -> None:
 
 def test_mixture_score_fn_reads_alpha_and_sigma_from_a_process() -> None:
     class VP:
-        def marginal_prob(self, x0: torch.Tensor, t: torch.Tensor):
+        def marginal_coefficients(self, t: torch.Tensor):
             a = torch.exp(-t)
-            return a[:, None] * x0, torch.sqrt(1 - a**2)
+            return a, torch.sqrt(1 - a**2)
 
     gm = make_toy2d("gmm8")
     x, t = torch.randn(6, 2), torch.rand(6) * 0.9 + 0.05
     a = torch.exp(-t)
     torch.testing.assert_close(gm.score_fn(VP())(x, t), gm.score(x, a, torch.sqrt(1 - a**2)))
+
+
+def test_the_mixtures_denoised_is_the_gaussian_posterior_mean_finite_at_alpha_zero() -> None:
+    """One component N(mu, s^2): E[x0 | x_t] = mu + alpha s^2 / (alpha^2 s^2 + sigma^2)
+    (x - alpha mu), the mean mu itself at alpha = 0; Tweedie's formula on the score where
+    alpha > 0."""
+    from diffusion_lab.data.toy2d import GaussianMixture
+
+    gaussian = GaussianMixture([[0.5, -1.0]], 0.4)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    alpha = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0], dtype=torch.float64)
+    sigma = torch.tensor([1.0, 0.9, 0.6, 0.3, 0.1], dtype=torch.float64)
+    mu = gaussian.means[0]
+    gain = (alpha * 0.16 / (alpha**2 * 0.16 + sigma**2))[:, None]
+    expected = mu + gain * (x - alpha[:, None] * mu)
+    torch.testing.assert_close(gaussian.denoised(x, alpha, sigma), expected)
+    score = gaussian.score(x, alpha, sigma)
+    tweedie = (x[1:] + sigma[1:, None] ** 2 * score[1:]) / alpha[1:, None]
+    torch.testing.assert_close(gaussian.denoised(x, alpha, sigma)[1:], tweedie)
 
 
 def test_sample_only_sets_raise_a_clear_error() -> None:
