@@ -52,8 +52,8 @@ def _b(h: float, variant: str) -> float:
     return -h if variant == "bh1" and math.isfinite(h) else math.expm1(-h)
 
 
-def _weights(h: float, rks: list[float], variant: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """R (len(rks) x len(rks)), b and B(h) of the module docstring, in float64."""
+def _weights(h: float, rks: list[float], variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """R (len(rks) x len(rks)) and b of the module docstring, in float64."""
     hh = -h
     h_phi_1 = math.expm1(hh)
     b_h = _b(h, variant)
@@ -65,7 +65,7 @@ def _weights(h: float, rks: list[float], variant: str) -> tuple[torch.Tensor, to
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    return torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), b_h
+    return torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
 
 
 def _update(
@@ -92,14 +92,14 @@ def _update(
         elif order == 2:
             rhos = [0.5]
         else:
-            rows, b, _ = _weights(h, [*rks, 1.0], variant)
+            rows, b = _weights(h, [*rks, 1.0], variant)
             rhos = torch.linalg.solve(rows[:-1, :-1], b[:-1]).tolist()
     else:
         differences.append(model_t - m0)
         if order == 1:
             rhos = [0.5]
         else:
-            rows, b, _ = _weights(h, [*rks, 1.0], variant)
+            rows, b = _weights(h, [*rks, 1.0], variant)
             rhos = torch.linalg.solve(rows, b).tolist()
     b_h = _b(h, variant)
     x_t = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * m0
